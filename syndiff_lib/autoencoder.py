@@ -1,0 +1,199 @@
+"""The frozen KL autoencoder (E, D) and the trainable image encoder (paper Sec. 3.1, 3.4).
+
+Taught in notebook 03 (latent space).
+
+Notation (B = batch, H x W = image size, h x w = H/8 x W/8 = latent size):
+    mask      X in {0, 1}   [B, 1, H, W]
+    image     C in [-1, 1]  [B, 3, H, W]
+    z_0 = E(X) * s          [B, 4, h, w]   mask latent; s = vae.config.scaling_factor
+    z_c = E_phi(C) * s      [B, 4, h, w]   image latent from the trainable encoder E_phi
+
+A mask is a 1-channel image; SD's autoencoder wants 3 channels in [-1, 1], so a mask goes
+1 -> 3 channels (repeated) -> [-1, 1] -> E. Decoding reverses it: D -> mean over the three
+channels -> [0, 1] soft map -> threshold 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import Encoder
+from diffusers.models.modeling_utils import ModelMixin
+
+from .config import AutoencoderConfig
+
+
+def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
+    """E and D: a pretrained SD VAE (``cfg.pretrained``) or a fresh one of the same structure."""
+    if cfg.pretrained is not None:
+        return AutoencoderKL.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder, revision=cfg.revision)
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.crop_size,
+    )
+
+
+def mask_to_vae_input(mask: torch.Tensor) -> torch.Tensor:
+    """{0,1} mask [B, 1, H, W] -> 3-channel image in [-1, 1] [B, 3, H, W]."""
+    return (mask.float() * 2 - 1).repeat(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def encode_mask(vae: AutoencoderKL, mask: torch.Tensor) -> torch.Tensor:
+    """z_0 = E(X) * s. Uses the posterior mean, so the same mask always gives the same z_0."""
+    x = mask_to_vae_input(mask).to(vae.dtype)  # [B, 3, H, W]
+    return vae.encode(x).latent_dist.mean * vae.config.scaling_factor  # [B, 4, h, w]
+
+
+def decode_mask(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
+    """Soft mask in [0, 1] [B, 1, H, W] = (mean over channels of D(z / s) + 1) / 2."""
+    x = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample  # [B, 3, H, W]
+    return ((x.float().mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)  # [B, 1, H, W]
+
+
+class ImageEncoder(ModelMixin, ConfigMixin):
+    """E_phi: the trainable vision encoder, with E's architecture (paper Sec. 3.4).
+
+    Built by :meth:`from_vae`, which copies E's weights (encoder + quant_conv), so training
+    starts from the autoencoder's own image features. Returns the posterior mean times the
+    scaling factor, i.e. a latent on the same scale as z_0.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 4,
+        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4,
+        block_out_channels: tuple[int, ...] = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        act_fn: str = "silu",
+        scaling_factor: float = 0.18215,
+    ):
+        super().__init__()
+        self.encoder = Encoder(
+            in_channels=in_channels,
+            out_channels=latent_channels,
+            down_block_types=down_block_types,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            act_fn=act_fn,
+            double_z=True,  # mean and log-variance, as in E
+        )
+        self.quant_conv = torch.nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+
+    @classmethod
+    def from_vae(cls, vae: AutoencoderKL) -> "ImageEncoder":
+        c = vae.config
+        model = cls(
+            in_channels=c.in_channels,
+            latent_channels=c.latent_channels,
+            down_block_types=tuple(c.down_block_types),
+            block_out_channels=tuple(c.block_out_channels),
+            layers_per_block=c.layers_per_block,
+            norm_num_groups=c.norm_num_groups,
+            act_fn=c.act_fn,
+            scaling_factor=c.scaling_factor,
+        )
+        model.encoder.load_state_dict(vae.encoder.state_dict())
+        model.quant_conv.load_state_dict(vae.quant_conv.state_dict())
+        return model.to(vae.device) if vae.dtype == torch.float32 else model.to(vae.device, vae.dtype)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        moments = self.quant_conv(self.encoder(image))  # [B, 8, h, w]
+        mean = moments[:, : self.config.latent_channels]  # [B, 4, h, w]
+        return mean * self.config.scaling_factor
+
+
+def autoencoder_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator=None) -> torch.Tensor:
+    """L1 reconstruction + a small KL term (LDM's KL-regularised autoencoder, without the GAN)."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample(generator=generator)
+    recon = vae.decode(z).sample
+    return F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
+
+
+def random_autoencoder_batch(
+    images: torch.Tensor, masks: torch.Tensor, cfg: AutoencoderConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """A batch of random crops: a fraction ``cfg.mask_fraction`` are masks (as 3-channel images).
+
+    images [N, 3, H, W] in [-1, 1], masks [N, 1, H, W] in {0, 1} -> [B, 3, crop, crop].
+    """
+    n, _, height, width = images.shape
+    crop = min(cfg.crop_size, height, width)
+    n_masks = round(cfg.batch_size * cfg.mask_fraction)
+    batch = []
+    for i in range(cfg.batch_size):
+        k = int(torch.randint(n, (1,), generator=generator))
+        top = int(torch.randint(height - crop + 1, (1,), generator=generator))
+        left = int(torch.randint(width - crop + 1, (1,), generator=generator))
+        if i < n_masks:
+            x = mask_to_vae_input(masks[k : k + 1])[0]
+        else:
+            x = images[k]
+        batch.append(x[:, top : top + crop, left : left + crop])
+    return torch.stack(batch)  # [B, 3, crop, crop]
+
+
+def mask_round_trip_dice(vae: AutoencoderKL, masks: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Dice of threshold(D(E(X))) against X, per mask: the ceiling the autoencoder puts on us."""
+    dices = []
+    with torch.no_grad():
+        for i in range(0, len(masks), batch_size):
+            x = masks[i : i + batch_size].float()
+            pred = (decode_mask(vae, encode_mask(vae, x)) > 0.5).float()
+            inter = (pred * x).sum(dim=(1, 2, 3))
+            total = pred.sum(dim=(1, 2, 3)) + x.sum(dim=(1, 2, 3))
+            dices.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)))
+    return torch.cat(dices)
+
+
+def train_autoencoder(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    cfg: AutoencoderConfig,
+    generator: torch.Generator,
+    log=print,
+) -> dict:
+    """Train E and D on crops of training images and masks (tiny/cpu profiles only).
+
+    Stops after ``cfg.train_steps`` steps or ``cfg.train_minutes``, whichever comes first,
+    with a cosine learning-rate decay over the step budget. Returns a small summary.
+    """
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    start, step = time.time(), 0
+    budget_s = cfg.train_minutes * 60
+    loss_ema = None
+    while step < cfg.train_steps and time.time() - start < budget_s:
+        for group in optimizer.param_groups:  # cosine decay
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.train_steps))
+        x = random_autoencoder_batch(images, masks, cfg, generator)
+        loss = autoencoder_loss(vae, x, cfg.kl_weight, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        step += 1
+        if step % 100 == 0:
+            log(f"autoencoder step {step}: loss {loss_ema:.4f}")
+    vae.eval()
+    vae.requires_grad_(False)
+    return {"steps": step, "seconds": round(time.time() - start, 1), "loss": loss_ema}

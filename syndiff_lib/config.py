@@ -1,0 +1,193 @@
+"""Configuration as plain Python: one dataclass per concern, profiles are instances.
+
+Taught in notebook 04 (training). Three profiles share one code path:
+
+- ``tiny``: a smoke run. Small models built from configs, 64x64 inputs; a whole
+  train + evaluate on real CVC-ClinicDB takes a few minutes on a laptop CPU.
+- ``cpu``: the scale the published book shows: 2 CPU cores, <= 45 minutes of training.
+- ``full``: the paper's settings (Sec. 4.2) for a GPU: pretrained Stable Diffusion VAE and
+  U-Net from the hub, 256x256 inputs, AdamW lr 1e-5, batch 4, 100k steps.
+
+And two recipes for the diffusion part (see :data:`RECIPES`):
+
+- ``paper``: exactly the paper: epsilon-prediction, t ~ U{1..1000}, loss L1(noise) +
+  lambda * L1(latent), single step at t = 50 from pure noise.
+- ``default``: what works at small scale (measured in ../shared/notes/cpu-recipe-probes.md on
+  a validation split): the U-Net predicts the mask latent z_0 directly ("sample"
+  prediction) at one fixed, high timestep t = 999 in training and inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AutoencoderConfig:
+    """The frozen KL autoencoder (E, D) of paper Sec. 3.1."""
+
+    pretrained: str | None = None  # hub id or folder of a pretrained VAE; None -> build from this config and train it
+    revision: str | None = None  # hub revision (commit hash) of `pretrained`, for reproducibility
+    subfolder: str | None = None  # e.g. "vae" inside a Stable Diffusion repository
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)  # 4 blocks -> 8x downsampling, like SD's VAE
+    layers_per_block: int = 1  # SD uses 2; 1 is enough for masks and halves the cost
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every block width
+    latent_channels: int = 4  # as in SD: z in R^{h x w x 4}
+    # Training it ourselves (only when `pretrained` is None: nothing can be downloaded offline).
+    train_steps: int = 2000  # optimisation steps on images and masks
+    train_minutes: float = 6.0  # wall-clock cap for that training
+    batch_size: int = 8
+    crop_size: int = 64  # random crops: the autoencoder is fully convolutional
+    lr: float = 5e-4
+    kl_weight: float = 1e-6  # the small KL term of LDM's KL-autoencoder
+    mask_fraction: float = 0.5  # fraction of each batch that is masks rather than images
+
+
+@dataclass
+class UNetConfig:
+    """The denoising U-Net f of Eq. 2; it sees [z_c || z_t] (8 channels) and predicts 4."""
+
+    pretrained: str | None = None  # SD repository for `full` (its "unet" subfolder); None -> from this config
+    revision: str | None = None
+    conditional: bool = False  # True -> UNet2DConditionModel (SD's), False -> UNet2DModel (smaller)
+    block_out_channels: tuple[int, ...] = (64, 128, 256)
+    layers_per_block: int = 1
+    attention_levels: tuple[bool, ...] = (False, True, True)  # self-attention at the coarser levels
+    norm_num_groups: int = 32
+    cross_attention_dim: int = 768  # only for the conditional (SD) U-Net; it sees a fixed zero embedding
+
+
+@dataclass
+class DiffusionConfig:
+    """How the U-Net is trained and queried (paper Sec. 3.3 and 3.5)."""
+
+    recipe: str = "default"  # name of this recipe, recorded in results
+    num_train_timesteps: int = 1000  # T
+    beta_schedule: str = "scaled_linear"  # SD's schedule: beta from 0.00085 to 0.012
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    rescale_zero_terminal_snr: bool = False  # Lin et al. 2024: make alpha_bar_T = 0
+    prediction_type: str = "sample"  # "epsilon" (paper), "sample" (z_0 directly) or "v_prediction"
+    timestep_sampling: str = "fixed"  # "uniform" (paper: t ~ U{1..1000}) or "fixed" (always t = fixed_timestep)
+    fixed_timestep: int = 999  # used when timestep_sampling == "fixed"
+    lambda_latent: float = 1.0  # lambda in Eq. 6; 0 -> the paper's "noise loss only" ablation
+    t_infer: int = 999  # the single inference timestep (paper: 50)
+
+
+RECIPES: dict[str, DiffusionConfig] = {
+    "paper": DiffusionConfig(
+        recipe="paper", prediction_type="epsilon", timestep_sampling="uniform", t_infer=50
+    ),
+    "default": DiffusionConfig(recipe="default"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (paper Sec. 4.2: AdamW, lr 1e-5, batch 4, 100k steps)."""
+
+    image_size: int = 128  # square input side; latents are image_size / 8
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-2  # AdamW's default
+    lr_warmup_steps: int = 50
+    max_steps: int = 3000
+    max_minutes: float = 35.0  # wall-clock budget for the segmenter; training stops at whichever comes first
+    checkpoint_every: int = 200  # steps between resumable checkpoints
+    val_every: int = 200  # steps between validation passes (model selection uses validation only)
+    log_every: int = 10
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate)
+    freeze_encoder: bool = False  # ablation: keep the image encoder at E's weights
+    flip_augment: bool = True  # random horizontal/vertical flips
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Profile:
+    """Everything a run needs, by concern."""
+
+    name: str
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        def build(klass, values):
+            names = {f.name for f in dataclasses.fields(klass)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"unknown {klass.__name__} fields: {sorted(unknown)}")
+            return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        return cls(
+            name=d["name"],
+            autoencoder=build(AutoencoderConfig, d["autoencoder"]),
+            unet=build(UNetConfig, d["unet"]),
+            diffusion=build(DiffusionConfig, d["diffusion"]),
+            train=build(TrainConfig, d["train"]),
+        )
+
+
+TINY = Profile(
+    name="tiny",
+    autoencoder=AutoencoderConfig(
+        block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
+        train_steps=300, train_minutes=0.75, crop_size=64,
+    ),
+    unet=UNetConfig(block_out_channels=(32, 64), attention_levels=(False, True), norm_num_groups=8),
+    train=TrainConfig(
+        image_size=64, batch_size=8, lr=5e-4, lr_warmup_steps=10, max_steps=300, max_minutes=1.0,
+        checkpoint_every=100, val_every=100,
+    ),
+)
+
+CPU = Profile(name="cpu")
+
+# The paper's scale. The ids below are the public Stable Diffusion 1.5 weights (the paper
+# says "pre-trained Stable Diffusion weights" without naming a version); pin `revision` to a
+# commit hash when you run it so the run is reproducible.
+SD_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+FULL = Profile(
+    name="full",
+    autoencoder=AutoencoderConfig(pretrained=SD_REPO, subfolder="vae"),
+    unet=UNetConfig(pretrained=SD_REPO, conditional=True),
+    diffusion=RECIPES["paper"],
+    train=TrainConfig(
+        image_size=256, batch_size=4, lr=1e-5, lr_warmup_steps=500, max_steps=100_000,
+        max_minutes=24 * 60, checkpoint_every=2000, val_every=2000, log_every=50,
+        mixed_precision="bf16",
+    ),
+)
+
+# The same architecture with random weights: SD 1.5's VAE and U-Net shapes built from configs.
+# For GPU benchmarks and tests of the `full` code path where nothing can be downloaded.
+FULL_RANDOM = Profile(
+    name="full-random",
+    autoencoder=AutoencoderConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+    unet=UNetConfig(
+        conditional=True, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        attention_levels=(True, True, True, False), cross_attention_dim=768,
+    ),
+    diffusion=RECIPES["paper"],
+    train=FULL.train,
+)
+
+PROFILES: dict[str, Profile] = {"tiny": TINY, "cpu": CPU, "full": FULL, "full-random": FULL_RANDOM}
+
+
+def get_profile(name: str, recipe: str | None = None) -> Profile:
+    """A fresh copy of a profile, optionally with another diffusion recipe."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    profile = Profile.from_dict(PROFILES[name].to_dict())
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+        profile.diffusion = dataclasses.replace(RECIPES[recipe])
+    return profile

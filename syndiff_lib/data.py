@@ -1,0 +1,599 @@
+"""Polyp datasets: loaders, up-front checks, the toy set, and train/val/test splits.
+
+Notebook 01 (data) teaches everything in this module. It imports no model code: arrays
+here are plain numpy, channels last.
+
+    H, W   image height and width in pixels
+    S      side of a square image (the toy set, or after load_dataset(size=S))
+    image  uint8 [H, W, 3], RGB
+    mask   bool  [H, W], True on the polyp
+
+Layouts the loaders understand (folder names are matched in any case):
+
+    clinicdb-png    images/1.png ... + masks/1.png ...        (the common CVC-ClinicDB copy)
+    clinicdb-tiff   Original/1.tif ... + Ground Truth/1.tif ... (the original distribution)
+    kvasir          images/*.jpg + masks/*.jpg                 (Kvasir-SEG)
+    folder          images/ + masks/, any of .png .jpg .jpeg .tif .tiff .bmp, paired by stem
+
+CVC-ClinicDB frames come from 29 video sequences whose frames are near-duplicates, so the
+"pranet" and "kfold" splits keep a sequence whole wherever they are free to choose, and the
+"random" split keeps whole whatever groups it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import urllib.request
+import warnings
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+from PIL import Image
+
+MASK_THRESHOLD = 127  # a mask pixel is foreground when its grey value is > 127
+GREY_LOW, GREY_HIGH = 32, 223  # grey levels strictly between these are "neither black nor white"
+MAX_GREY_FRACTION = 0.05  # more such pixels than this -> "not a binary mask" (see check_dataset)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+KVASIR_URL = "https://datasets.simula.no/downloads/kvasir-seg.zip"
+KVASIR_SHA256: str | None = None  # no official checksum is published; None -> print it and warn
+
+# The PraNet test split of CVC-ClinicDB (Fan et al., MICCAI 2020): 62 frames; the other 550 train.
+PRANET_TEST_IDS: tuple[str, ...] = (
+    "14", "21", "25", "31", "42", "50", "52", "61", "65", "66", "73", "80", "89", "100",
+    "106", "119", "134", "148", "154", "163", "166", "171", "179", "181", "185", "191",
+    "205", "240", "251", "266", "279", "287", "300", "307", "349", "353", "374", "381",
+    "388", "397", "400", "404", "425", "429", "431", "442", "453", "459", "464", "474",
+    "481", "483", "492", "526", "529", "545", "555", "559", "561", "569", "571", "575",
+)
+
+# (first frame, last frame) of each of ClinicDB's 29 video sequences, from its README.
+CLINICDB_SEQUENCES: tuple[tuple[int, int], ...] = (
+    (1, 25), (26, 50), (51, 67), (68, 78), (79, 103), (104, 126), (127, 151), (152, 177),
+    (178, 199), (200, 205), (206, 227), (228, 252), (253, 277), (278, 297), (298, 317),
+    (318, 342), (343, 363), (364, 383), (384, 408), (409, 428), (429, 447), (448, 466),
+    (467, 478), (479, 503), (504, 528), (529, 546), (547, 571), (572, 591), (592, 612),
+)
+
+
+class DataError(ValueError):
+    """Raised with ONE message that names the folder and lists every offending file and its problem."""
+
+
+@dataclass
+class Sample:
+    """One image and its polyp mask (notebook 01)."""
+
+    id: str  # file stem, e.g. "17"
+    image: np.ndarray  # uint8 [H, W, 3] RGB
+    mask: np.ndarray  # bool [H, W], grey value > MASK_THRESHOLD
+    source: str = "real"  # "real" | "toy" | "synthetic"
+
+    def __post_init__(self):
+        image, mask = self.image, self.mask
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"Sample {self.id}: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        if mask.dtype != bool or mask.shape != image.shape[:2]:
+            raise ValueError(f"Sample {self.id}: mask must be bool {image.shape[:2]}, got {mask.dtype} {mask.shape}")
+
+
+def _natural_key(text: str) -> list:
+    """Sort key that puts "2" before "10": digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # PIL modes with 16 or 32 bits per pixel: refused
+
+
+def _read_pixels(path: Path, want: str) -> np.ndarray:
+    """Read one file as uint8 RGB [H, W, 3] (want="rgb") or grey [H, W] (want="grey")."""
+    mode = None
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            pixels = tifffile.imread(path)
+        else:
+            with Image.open(path) as im:
+                mode = im.mode
+                if mode not in _WIDE_MODES:
+                    pixels = np.asarray(im.convert("RGB" if want == "rgb" else "L"))
+    except Exception as error:  # PIL and tifffile raise many types for a broken file
+        raise ValueError(f"cannot be read ({type(error).__name__}: {error})") from None
+    if mode in _WIDE_MODES:
+        raise ValueError(f"is a {mode} image, expected 8 bits per channel")
+    if pixels.size == 0:  # tifffile returns an empty array for a TIFF it cannot parse
+        raise ValueError("cannot be read (no pixels found)")
+    if pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8) * 255
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"has dtype {pixels.dtype}, expected 8 bits per channel")
+    if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+        pixels = pixels[..., :3]  # drop alpha
+    elif pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    elif pixels.ndim != 2:
+        raise ValueError(f"has shape {pixels.shape}, cannot be read as RGB or grey")
+    if want == "rgb" and pixels.ndim == 2:
+        return np.repeat(pixels[..., None], 3, axis=2)  # grey -> [H, W, 3]
+    if want == "grey" and pixels.ndim == 3:
+        return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY)  # [H, W]
+    return np.ascontiguousarray(pixels)
+
+
+def read_image(path) -> np.ndarray:
+    """Read one image file as uint8 [H, W, 3] RGB, or raise a DataError naming the file (notebook 01)."""
+    path = Path(path)
+    try:
+        return _read_pixels(path, "rgb")
+    except (ValueError, OSError) as error:
+        raise DataError(f"{path}: {error}") from None
+
+
+def read_mask(path) -> np.ndarray:
+    """Read one mask file as bool [H, W] (grey value > MASK_THRESHOLD), or raise a DataError (notebook 01)."""
+    path = Path(path)
+    try:
+        return _read_pixels(path, "grey") > MASK_THRESHOLD
+    except (ValueError, OSError) as error:
+        raise DataError(f"{path}: {error}") from None
+
+
+def _grey_fraction(grey: np.ndarray) -> float:
+    """Fraction of pixels that are clearly neither black nor white."""
+    return float(((grey > GREY_LOW) & (grey < GREY_HIGH)).mean())
+
+
+# ----------------------------------------------------------------------------- finding pairs
+
+
+def _child_dir(root: Path, name: str) -> Path | None:
+    """The subfolder of root called `name`, in any case, or None."""
+    for child in root.iterdir():
+        if child.is_dir() and child.name.lower() == name:
+            return child
+    return None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files of a folder, hidden files and other suffixes left out."""
+    return [p for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _folders(root) -> tuple[str, Path, Path]:
+    """(layout, image folder, mask folder) of a dataset root, or DataError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist")
+    original, ground_truth = _child_dir(root, "original"), _child_dir(root, "ground truth")
+    if original and ground_truth:
+        return "clinicdb-tiff", original, ground_truth
+    images, masks = _child_dir(root, "images"), _child_dir(root, "masks")
+    if images and masks:
+        files = _image_files(images)
+        suffixes, stems = {p.suffix.lower() for p in files}, [p.stem for p in files]
+        if suffixes and suffixes <= {".jpg", ".jpeg"}:
+            return "kvasir", images, masks
+        if suffixes == {".png"} and all(s.isdigit() and 1 <= int(s) <= 612 for s in stems):
+            return "clinicdb-png", images, masks
+        return "folder", images, masks
+    found = sorted(child.name + "/" for child in root.iterdir() if child.is_dir())
+    missing = "masks/" if images else "images/" if masks else "images/ and masks/ (or Original/ and Ground Truth/)"
+    raise DataError(f"{root}: no dataset layout recognised, missing {missing}; subfolders found: {found or 'none'}")
+
+
+def detect_layout(root) -> str:
+    """Name the layout of a dataset folder: "clinicdb-png", "clinicdb-tiff", "kvasir" or "folder" (notebook 01)."""
+    return _folders(root)[0]
+
+
+def _scan(root) -> tuple[str, list[tuple[str, Path, Path]], list[str]]:
+    """(layout, pairs, problems): pairs matched by stem, problems as "file: what is wrong"."""
+    root = Path(root)
+    layout, image_dir, mask_dir = _folders(root)
+    problems, by_stem = [], []
+    for folder in (image_dir, mask_dir):
+        files = {}
+        for path in sorted(_image_files(folder), key=lambda p: _natural_key(p.name)):
+            if path.stem in files:
+                problems.append(f"{path.relative_to(root)}: same stem as {files[path.stem].name}")
+            else:
+                files[path.stem] = path
+        if not files:
+            problems.append(f"{folder.relative_to(root)}/: empty folder (no {' '.join(IMAGE_SUFFIXES)} files)")
+        by_stem.append(files)
+    images, masks = by_stem
+    for stem in images.keys() - masks.keys():
+        problems.append(f"{images[stem].relative_to(root)}: image without a mask in {mask_dir.name}/")
+    for stem in masks.keys() - images.keys():
+        problems.append(f"{masks[stem].relative_to(root)}: mask without an image in {image_dir.name}/")
+    ids = sorted(images.keys() & masks.keys(), key=_natural_key)
+    return layout, [(i, images[i], masks[i]) for i in ids], sorted(problems, key=_natural_key)
+
+
+def _raise_problems(root, problems: list[str]) -> None:
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems)
+        raise DataError(f"dataset {root} has {len(problems)} problem(s):\n{listing}")
+
+
+def find_pairs(root) -> list[tuple[str, Path, Path]]:
+    """List (id, image_path, mask_path), sorted naturally by id (1, 2, ..., 10) (notebook 01).
+
+    Raises one DataError for every image without a mask and mask without an image.
+    """
+    _, pairs, problems = _scan(root)
+    _raise_problems(root, problems)
+    return pairs
+
+
+def _try_read(path: Path, want: str, root: Path, problems: list[str]) -> np.ndarray | None:
+    """_read_pixels, but a failure is appended to problems (named relative to root) and gives None."""
+    try:
+        return _read_pixels(path, want)
+    except (ValueError, OSError) as error:
+        problems.append(f"{path.relative_to(root)}: {error}")
+        return None
+
+
+def check_dataset(root) -> dict:
+    """Open every pair up front and raise ONE DataError listing every problem found (notebook 01).
+
+    Problems: a missing or empty folder, an image without a mask or a mask without an image,
+    a file that cannot be read or is not 8-bit RGB/grey, an image and mask of different
+    sizes, and a mask that is not binary. The binary rule: after converting the mask to
+    grey, more than MAX_GREY_FRACTION (5%) of its pixels strictly between GREY_LOW (32)
+    and GREY_HIGH (223) -> "not a binary mask". ClinicDB's anti-aliased edges (at most
+    0.04% of a frame) and JPEG noise around Kvasir masks pass; a photo saved as a mask
+    (mostly mid-grey) or a soft probability map does not. Masks that pass are binarised
+    with > MASK_THRESHOLD by the loaders.
+
+    Returns {"root", "layout", "n", "sizes": {"384x288": 612}, "foreground_fraction_mean",
+    "n_empty_masks"}; sizes are written width x height.
+    """
+    root = Path(root)
+    layout, pairs, problems = _scan(root)
+    sizes, foreground = {}, []
+    for _, image_path, mask_path in pairs:
+        image, grey = _try_read(image_path, "rgb", root, problems), _try_read(mask_path, "grey", root, problems)
+        mask_name = mask_path.relative_to(root)
+        if grey is not None and _grey_fraction(grey) > MAX_GREY_FRACTION:
+            problems.append(
+                f"{mask_name}: not a binary mask ({_grey_fraction(grey):.1%} of pixels are grey "
+                f"between {GREY_LOW} and {GREY_HIGH}, at most {MAX_GREY_FRACTION:.0%} allowed)"
+            )
+        elif image is not None and grey is not None and image.shape[:2] != grey.shape:
+            (h, w), (mh, mw) = image.shape[:2], grey.shape
+            problems.append(f"{mask_name}: size {mw}x{mh} differs from its image {w}x{h}")
+        elif image is not None and grey is not None:
+            h, w = grey.shape
+            sizes[f"{w}x{h}"] = sizes.get(f"{w}x{h}", 0) + 1
+            foreground.append(float((grey > MASK_THRESHOLD).mean()))
+    _raise_problems(root, sorted(problems, key=_natural_key))
+    return {
+        "root": str(root),
+        "layout": layout,
+        "n": len(pairs),
+        "sizes": sizes,
+        "foreground_fraction_mean": float(np.mean(foreground)),
+        "n_empty_masks": foreground.count(0.0),
+    }
+
+
+def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to size x size (aspect ratio NOT kept): area or bilinear for the image, nearest for the mask."""
+    shrinking = size < min(image.shape[:2])
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    image = cv2.resize(image, (size, size), interpolation=interpolation)  # [S, S, 3]
+    mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0  # [S, S]
+    return image, mask
+
+
+def _pick(ids, available: dict, root) -> list[str]:
+    """The requested ids (all when ids is None), sorted naturally; DataError naming any not available."""
+    wanted = list(available) if ids is None else [str(i) for i in ids]
+    unknown = [i for i in wanted if i not in available]
+    if unknown:
+        raise DataError(f"dataset {root}: ids not found: {', '.join(unknown[:20])}")
+    return sorted(wanted, key=_natural_key)
+
+
+def load_dataset(root, size: int | None = None, ids=None, check: bool = True) -> list[Sample]:
+    """Load a dataset folder as a list of Samples, sorted naturally by id (notebook 01).
+
+    root: a dataset folder (any layout above), or "toy" / None for make_toy_dataset().
+    size: resize every sample to size x size; the aspect ratio is NOT kept (ClinicDB's
+        384x288 frames are squeezed). The mask is thresholded first, then resized nearest.
+    ids: load only these ids (DataError if one is not there).
+    check: run check_dataset first, so every problem is reported before any work starts.
+    The toy set is the default make_toy_dataset(n=64, seed=0) drawn at size (default 128).
+    """
+    if root is None or str(root) == "toy":
+        toy = {sample.id: sample for sample in make_toy_dataset(size=size or 128)}
+        return [toy[i] for i in _pick(ids, toy, "toy")]
+    if check:
+        check_dataset(root)
+    pairs = {id_: (image_path, mask_path) for id_, image_path, mask_path in find_pairs(root)}
+    samples = []
+    for id_ in _pick(ids, pairs, root):
+        image_path, mask_path = pairs[id_]
+        image, mask = read_image(image_path), read_mask(mask_path)  # [H, W, 3], [H, W]
+        if image.shape[:2] != mask.shape:
+            raise DataError(f"{mask_path}: size {mask.shape[::-1]} differs from its image {image.shape[1::-1]}")
+        if size is not None:
+            image, mask = _resize(image, mask, size)
+        samples.append(Sample(id_, image, mask))
+    return samples
+
+
+# ----------------------------------------------------------------------------- the toy dataset
+
+
+def _toy_sample(index: int, size: int, seed: int) -> Sample:
+    """One procedural endoscopy-like frame: mucosa, vessels, one polyp, highlights, black border."""
+    rng = np.random.default_rng([seed, index])  # sample i does not depend on n
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5  # [S, S] each, in [-0.5, 0.5)
+
+    def smooth_noise(cells: int) -> np.ndarray:
+        grid = rng.standard_normal((cells, cells)).astype(np.float32)
+        return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)  # [S, S]
+
+    # 1. Mucosa: pinkish red, smooth texture, light falling off towards the edge.
+    texture = 0.08 * smooth_noise(6) + 0.04 * smooth_noise(16)  # [S, S]
+    light = 1.0 - 1.2 * (x**2 + y**2) + texture  # [S, S]
+    base = np.array([200, 95, 85], np.float32) * rng.uniform(0.85, 1.1, 3).astype(np.float32)
+    image = base * light[..., None]  # [S, S, 3]
+
+    # 2. Vessels: a few thin darker curves.
+    vessels = np.zeros((size, size), np.float32)
+    for _ in range(rng.integers(2, 5)):
+        heading = rng.uniform(0, 2 * np.pi) + rng.normal(0, 0.4, 12).cumsum()  # a slowly turning direction
+        points = (size / 16 * np.stack([np.cos(heading), np.sin(heading)], 1)).cumsum(0) + rng.uniform(0, size, 2)
+        cv2.polylines(vessels, [points.astype(np.int32)], False, 1.0, thickness=max(1, size // 96))
+    image *= 1.0 - 0.25 * cv2.GaussianBlur(vessels, (3, 3), 0)[..., None]
+
+    # 3. Polyp: an ellipse whose radius wobbles with a few Fourier terms, lighter and domed.
+    cx, cy = rng.uniform(-0.18, 0.18, 2)
+    rx, ry = rng.uniform(0.09, 0.2, 2)
+    angle = np.arctan2(y - cy, x - cx)  # [S, S]
+    wobble = 1.0 + sum(rng.uniform(0, 0.12) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    distance = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2) / wobble  # [S, S], 1 on the boundary
+    mask = distance <= 1.0  # [S, S]
+    dome = np.clip(1.0 - distance**2, 0, 1) * (1.0 - 0.6 * (y - cy) / ry).clip(0.3, 1.6)  # lit from above
+    polyp_colour = np.array([225, 125, 105], np.float32)
+    image = np.where(mask[..., None], polyp_colour * (0.75 + 0.35 * dome[..., None] + texture[..., None]), image)
+    rim = (distance > 1.0) & (distance < 1.15)
+    image[rim] *= 0.8  # a shadow around the polyp
+
+    # 4. Specular highlights: small white spots, some on the polyp.
+    highlights = np.zeros((size, size), np.float32)
+    for _ in range(rng.integers(2, 6)):
+        on_polyp = rng.random() < 0.5
+        centre = (np.array([cx, cy]) + rng.normal(0, 0.04, 2)) if on_polyp else rng.uniform(-0.35, 0.35, 2)
+        px, py = ((centre + 0.5) * size).astype(int)
+        axes = (int(rng.integers(1, max(2, size // 40) + 1)), int(rng.integers(1, max(2, size // 64) + 1)))
+        cv2.ellipse(highlights, (int(px), int(py)), axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
+    highlights = cv2.GaussianBlur(highlights, (3, 3), 0)[..., None]
+    image = image * (1 - highlights) + 250.0 * highlights
+
+    # 5. Endoscope border: an octagon with black corners; the mask stays inside it.
+    visible = (np.abs(x) < 0.47) & (np.abs(y) < 0.47) & (np.abs(x) + np.abs(y) < 0.68)
+    image[~visible] = rng.uniform(0, 6)
+    image = np.clip(image + rng.normal(0, 2.0, image.shape), 0, 255).astype(np.uint8)  # [S, S, 3]
+    return Sample(f"toy_{index:03d}", image, mask & visible, source="toy")
+
+
+def make_toy_dataset(n: int = 64, size: int = 128, seed: int = 0) -> list[Sample]:
+    """A procedural, seeded, endoscopy-like dataset: n frames of size x size, one polyp each (notebook 01).
+
+    Every toy mask holds exactly one polyp and is never empty (ClinicDB has no empty
+    masks either). Sample i depends only on (i, size, seed), not on n. Ids are "toy_000", ...
+    """
+    if n < 1 or size < 16:
+        raise ValueError(f"make_toy_dataset needs n >= 1 and size >= 16, got n={n}, size={size}")
+    return [_toy_sample(i, size, seed) for i in range(n)]
+
+
+def write_toy_dataset(dest, n: int = 64, size: int = 128, seed: int = 0) -> Path:
+    """Write the toy dataset as dest/images/<id>.png + dest/masks/<id>.png, usable as --data (notebook 01)."""
+    dest = Path(dest)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    (dest / "masks").mkdir(parents=True, exist_ok=True)
+    for sample in make_toy_dataset(n, size, seed):
+        Image.fromarray(sample.image).save(dest / "images" / f"{sample.id}.png")
+        Image.fromarray(sample.mask.astype(np.uint8) * 255).save(dest / "masks" / f"{sample.id}.png")
+    return dest
+
+
+# ----------------------------------------------------------------------------- Kvasir-SEG
+
+
+def _verify_and_unpack(archive, dest, sha256: str | None) -> Path:
+    """Check the archive's SHA-256, unpack it safely into dest, return the folder holding images/ and masks/."""
+    archive, dest = Path(archive), Path(dest)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    if sha256 is None:
+        print(f"{archive.name} sha256 = {digest}")
+        warnings.warn(f"{archive.name}: no expected checksum given, the download is not verified")
+    elif digest != sha256.lower():
+        raise DataError(f"{archive}: checksum mismatch, expected sha256 {sha256}, got {digest}")
+    with zipfile.ZipFile(archive) as zf:
+        unsafe = [
+            info.filename
+            for info in zf.infolist()
+            if info.filename.startswith(("/", "\\"))
+            or ".." in re.split(r"[/\\]", info.filename)
+            or ":" in info.filename
+            or (info.external_attr >> 16) & 0o170000 == 0o120000  # a symbolic link
+        ]
+        if unsafe:
+            raise DataError(f"{archive}: refusing to unpack members outside the folder: {', '.join(unsafe)}")
+        zf.extractall(dest)
+    for folder in sorted([dest, *dest.rglob("*")], key=lambda p: len(p.parts)):
+        if folder.is_dir() and _child_dir(folder, "images") and _child_dir(folder, "masks"):
+            return folder
+    raise DataError(f"{archive}: no folder with images/ and masks/ inside the archive")
+
+
+def download_kvasir_seg(dest, url: str = KVASIR_URL, sha256: str | None = KVASIR_SHA256) -> Path:
+    """Download Kvasir-SEG (1000 polyp images) into dest; return the folder holding images/ and masks/ (notebook 01).
+
+    Needs internet. sha256=None prints the archive's checksum and warns instead of verifying.
+    An archive already in dest is reused.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / Path(url).name
+    if not archive.exists():
+        print(f"downloading {url} -> {archive}")
+        urllib.request.urlretrieve(url, archive)
+    return _verify_and_unpack(archive, dest, sha256)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def _clinicdb_frame(frame_id) -> int | None:
+    """The frame number of a ClinicDB id ("17" -> 17), or None for anything else."""
+    text = str(frame_id)
+    return int(text) if text.isdigit() and 1 <= int(text) <= CLINICDB_SEQUENCES[-1][1] else None
+
+
+def clinicdb_sequence(frame_id) -> int:
+    """The video sequence (1..29) of a ClinicDB frame id such as "17" or 17 (notebook 01)."""
+    frame = _clinicdb_frame(frame_id)
+    if frame is None:
+        raise ValueError(f"{frame_id!r} is not a CVC-ClinicDB frame id (1..612)")
+    return next(k for k, (first, last) in enumerate(CLINICDB_SEQUENCES, start=1) if first <= frame <= last)
+
+
+def _carve(ids: list[str], group_of: dict, fraction: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """Take whole groups, in a seeded random order, until about fraction * len(ids) ids are taken."""
+    count = Counter(group_of[i] for i in ids)  # frames per group
+    groups = sorted(count, key=lambda g: _natural_key(str(g)))
+    target, taken, n_taken = fraction * len(ids), set(), 0
+    for k in rng.permutation(len(groups)):
+        if abs(n_taken + count[groups[k]] - target) < abs(n_taken - target):  # closer to the target with it
+            taken.add(groups[k])
+            n_taken += count[groups[k]]
+    return [i for i in ids if group_of[i] in taken], [i for i in ids if group_of[i] not in taken]
+
+
+def _deal_into_folds(count: Counter, folds: int, rng: np.random.Generator) -> dict:
+    """Assign each group (count: frames per group) to a fold so that folds hold near-equal numbers of frames."""
+    groups = sorted(count, key=lambda g: _natural_key(str(g)))
+    groups = [groups[k] for k in rng.permutation(len(groups))]  # the seed breaks ties
+    fold_of, size = {}, [0] * folds
+    for group in sorted(groups, key=lambda g: -count[g]):  # biggest group to the lightest fold
+        fold_of[group] = int(np.argmin(size))
+        size[fold_of[group]] += count[group]
+    while True:  # then swap a group of the heaviest fold with a smaller one of the lightest
+        heavy, light = int(np.argmax(size)), int(np.argmin(size))
+        gap = size[heavy] - size[light]
+        swaps = [(abs(gap - 2 * (count[a] - count[b])), a, b) for a in groups if fold_of[a] == heavy
+                 for b in groups if fold_of[b] == light and 0 < count[a] - count[b] < gap]
+        best = min(swaps, key=lambda swap: swap[0], default=None)
+        if best is None or best[0] >= gap:
+            return fold_of
+        _, a, b = best
+        fold_of[a], fold_of[b] = light, heavy
+        size[heavy] += count[b] - count[a]
+        size[light] += count[a] - count[b]
+
+
+def make_split(ids, scheme: str = "pranet", *, fold: int = 0, folds: int = 5, val_fraction: float = 0.1,
+               test_fraction: float = 0.1, seed: int = 0, groups: dict | None = None) -> dict:
+    """Split ids into disjoint train / val / test lists (notebook 01).
+
+    "pranet": test = PRANET_TEST_IDS found in ids (ids must be ClinicDB frame ids);
+        val = whole video sequences carved from the rest (seeded), train = the remainder.
+        The PraNet test frames share sequences with train: the benchmark is leaky, kfold is not.
+    "kfold": the groups (default: ClinicDB's 29 sequences) are dealt into `folds` folds of
+        near-equal frame counts, each group wholly in one fold; test = fold `fold`; val =
+        whole groups carved from the other folds.
+    "random": for other data and the toy set; test and val are drawn at random, keeping
+        each group whole when `groups` ({id: group}) is given.
+    val_fraction is a fraction of the ids left after the test set; test_fraction is used
+    by "random" only. Returns {"scheme", "seed", "fold", "folds", "train", "val", "test"}.
+    """
+    ids = [str(i) for i in ids]
+    not_clinicdb = [i for i in ids if _clinicdb_frame(i) is None]
+    if scheme not in ("pranet", "kfold", "random"):
+        raise ValueError(f"make_split: scheme must be 'pranet', 'kfold' or 'random', got {scheme!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("make_split: ids contain duplicates")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1):
+        raise ValueError(f"make_split: fractions must be in [0, 1), got val={val_fraction}, test={test_fraction}")
+    if not 0 <= fold < folds:
+        raise ValueError(f"make_split: fold must be in 0..{folds - 1}, got {fold}")
+    if scheme == "pranet" and not_clinicdb:
+        raise ValueError(f"make_split: scheme 'pranet' needs CVC-ClinicDB frame ids (1..612), got {not_clinicdb[:5]}; "
+                         "use scheme='random' for other data")
+
+    # 1. The groups that must stay whole.
+    if groups is not None:
+        group_of = {str(k): v for k, v in groups.items()}
+        missing = [i for i in ids if i not in group_of]
+        if missing:
+            raise ValueError(f"make_split: groups has no entry for ids {missing[:10]}")
+    elif scheme == "random":
+        group_of = {i: i for i in ids}  # each frame on its own
+    elif not_clinicdb:
+        raise ValueError(f"make_split: scheme 'kfold' needs CVC-ClinicDB frame ids or groups=, got {not_clinicdb[:5]}")
+    else:
+        group_of = {i: clinicdb_sequence(i) for i in ids}  # ClinicDB: one group per video sequence
+    rng = np.random.default_rng(seed)
+
+    # 2. The test set, then val carved from the rest by whole groups.
+    if scheme == "pranet":
+        test = [i for i in ids if i in PRANET_TEST_IDS]
+        rest = [i for i in ids if i not in PRANET_TEST_IDS]
+    elif scheme == "kfold":
+        fold_of = _deal_into_folds(Counter(group_of[i] for i in ids), folds, rng)
+        test = [i for i in ids if fold_of[group_of[i]] == fold]
+        rest = [i for i in ids if fold_of[group_of[i]] != fold]
+    else:
+        test, rest = _carve(ids, group_of, test_fraction, rng)
+    val, train = _carve(rest, group_of, val_fraction, rng)
+    return {"scheme": scheme, "seed": seed, "fold": fold, "folds": folds,
+            "train": sorted(train, key=_natural_key), "val": sorted(val, key=_natural_key),
+            "test": sorted(test, key=_natural_key)}
+
+
+def default_scheme(layout_or_root) -> str:
+    """"pranet" for a ClinicDB layout or folder, "random" for anything else, the toy set included (notebook 01)."""
+    if layout_or_root is None or str(layout_or_root) in ("toy", "kvasir", "folder"):
+        return "random"
+    if str(layout_or_root) in ("clinicdb-png", "clinicdb-tiff"):
+        return "pranet"
+    return default_scheme(detect_layout(layout_or_root))
+
+
+def save_split(split: dict, path) -> Path:
+    """Write a split to JSON (notebook 01)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(split, indent=1) + "\n")
+    return path
+
+
+def load_split(path) -> dict:
+    """Read a split written by save_split, checking that train / val / test are present and disjoint (notebook 01)."""
+    split = json.loads(Path(path).read_text())
+    missing = [key for key in ("train", "val", "test") if key not in split]
+    if missing:
+        raise DataError(f"{path}: split has no {', '.join(missing)} list")
+    parts = [set(split[key]) for key in ("train", "val", "test")]
+    overlap = (parts[0] & parts[1]) | (parts[0] & parts[2]) | (parts[1] & parts[2])
+    if overlap:
+        overlap = sorted(overlap, key=_natural_key)
+        raise DataError(f"{path}: ids in more than one of train/val/test: {overlap[:10]}")
+    return split

@@ -1,0 +1,205 @@
+"""SynDiffPipeline: image in, mask out, in one U-Net call (diffusers style).
+
+Taught in notebook 05 (evaluation). The flow, one way:
+
+    image -> E_phi -> z_c ; [z_c || z_t] -> U-Net(t) -> z~_0 (Eq. 3) -> D -> mean over channels -> threshold -> mask
+
+A trained run folder holds the pipeline in ``RUN_DIR/pipeline`` (the model chosen on the
+validation split); ``from_pretrained`` accepts the run folder or that subfolder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from .autoencoder import ImageEncoder, build_autoencoder, decode_mask
+from .config import Profile
+from .diffusion import make_scheduler, multi_step, single_step
+from .unet import build_unet
+
+CONFIG_NAME = "syndiff_config.json"
+
+
+@dataclass
+class SynDiffOutput:
+    """What :class:`SynDiffPipeline` returns.
+
+    masks:      bool    [B, H, W]  soft_masks > threshold
+    soft_masks: float32 [B, H, W]  decoded mask in [0, 1] (mean of D's three channels)
+    H, W are the input size (or the model's size when ``output_size="model"``).
+    """
+
+    masks: np.ndarray
+    soft_masks: np.ndarray
+
+
+def images_to_tensor(images, size: int) -> torch.Tensor:
+    """uint8 images ([H, W, 3] arrays, a list of them, or [B, H, W, 3]) -> [B, 3, size, size] in [-1, 1]."""
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = [images]
+    tensors = []
+    for image in images:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 [H, W, 3] RGB arrays, got {image.dtype} {image.shape}")
+        x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 127.5 - 1  # [1, 3, H, W]
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        tensors.append(x)
+    return torch.cat(tensors)  # [B, 3, size, size]
+
+
+class SynDiffPipeline:
+    """The trained segmenter: frozen VAE (E, D), trainable image encoder E_phi, U-Net, schedule."""
+
+    def __init__(self, vae: AutoencoderKL, image_encoder: ImageEncoder, unet, scheduler: DDPMScheduler, profile: Profile):
+        self.vae, self.image_encoder, self.unet, self.scheduler, self.profile = vae, image_encoder, unet, scheduler, profile
+        for model in (vae, image_encoder, unet):
+            model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def to(self, device=None, dtype=None) -> "SynDiffPipeline":
+        for model in (self.vae, self.image_encoder, self.unet):
+            model.to(device=device)
+            if dtype is not None and model.dtype != dtype:
+                model.to(dtype=dtype)
+        return self
+
+    @classmethod
+    def from_profile(cls, profile: Profile, seed: int = 0) -> "SynDiffPipeline":
+        """An untrained pipeline built from a profile (random or pretrained weights): for
+        tests, benchmarks of an architecture, and notebooks that show shapes."""
+        torch.manual_seed(seed)
+        vae = build_autoencoder(profile.autoencoder)
+        unet = build_unet(profile.unet, profile.train.image_size // 8)
+        return cls(vae, ImageEncoder.from_vae(vae), unet, make_scheduler(profile.diffusion), profile)
+
+    # --- saving and loading -------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        """Write every model as safetensors (diffusers' save_pretrained) plus the profile JSON."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.vae.save_pretrained(directory / "vae")
+        self.image_encoder.save_pretrained(directory / "image_encoder")
+        self.unet.save_pretrained(directory / "unet")
+        self.scheduler.save_pretrained(directory / "scheduler")
+        (directory / CONFIG_NAME).write_text(json.dumps(self.profile.to_dict(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "SynDiffPipeline":
+        path = Path(path)
+        if (path / "pipeline" / CONFIG_NAME).exists():
+            path = path / "pipeline"
+        if not (path / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{path} holds no trained SynDiff pipeline ({CONFIG_NAME} is missing)")
+        profile = Profile.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        unet_class = UNet2DConditionModel if profile.unet.conditional else UNet2DModel
+        pipe = cls(
+            vae=AutoencoderKL.from_pretrained(path / "vae"),
+            image_encoder=ImageEncoder.from_pretrained(path / "image_encoder"),
+            unet=unet_class.from_pretrained(path / "unet"),
+            scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
+            profile=profile,
+        )
+        return pipe.to(device, dtype)
+
+    # --- the three stages, each one call (bench times them one by one) -----------------
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """z_c = E_phi(C): [B, 3, H, W] in [-1, 1] -> [B, 4, h, w]."""
+        return self.image_encoder(pixels.to(self.device, self.dtype))
+
+    def denoise(self, image_latent, num_inference_steps: int = 1, t_infer: int | None = None, generator=None):
+        """z~_0 from z_c: one U-Net call at t_infer (default: the recipe's), or DDIM with T steps."""
+        cfg = self.profile.diffusion
+        if num_inference_steps == 1:
+            t = cfg.t_infer if t_infer is None else t_infer
+            return single_step(self.unet, self.scheduler, cfg, image_latent, t, generator)
+        return multi_step(self.unet, self.scheduler, cfg, image_latent, num_inference_steps, generator)
+
+    def decode(self, mask_latent) -> torch.Tensor:
+        """Soft mask [B, 1, H, W] in [0, 1] from z~_0."""
+        return decode_mask(self.vae, mask_latent)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images,
+        num_inference_steps: int = 1,
+        t_infer: int | None = None,
+        generator: torch.Generator | None = None,
+        threshold: float = 0.5,
+        batch_size: int = 16,
+        output_size: str = "input",
+    ) -> SynDiffOutput:
+        """Segment uint8 RGB images. Same generator seed -> same masks.
+
+        Args:
+            images: one [H, W, 3] uint8 array or a list of them (sizes may differ).
+            num_inference_steps: 1 = the paper's single step; > 1 = DDIM from the same weights.
+            t_infer: the single-step timestep (default: the trained recipe's; the paper uses 50).
+            generator: torch.Generator for the Gaussian z_t (CPU generator).
+            output_size: "input" resizes maps back to each image's size; "model" keeps image_size.
+        """
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = [images]
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if output_size not in ("input", "model"):
+            raise ValueError(f"output_size must be 'input' or 'model', got {output_size!r}")
+        size = self.profile.train.image_size
+        soft_maps = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = images_to_tensor(chunk, size)  # [b, 3, S, S]
+            image_latent = self.encode_images(pixels)  # [b, 4, S/8, S/8]
+            mask_latent = self.denoise(image_latent, num_inference_steps, t_infer, generator)
+            soft = self.decode(mask_latent).float().cpu()  # [b, 1, S, S]
+            for image, s in zip(chunk, soft):
+                if output_size == "input" and tuple(np.asarray(image).shape[:2]) != (size, size):
+                    s = F.interpolate(s[None], size=np.asarray(image).shape[:2], mode="bilinear", align_corners=False)[0]
+                soft_maps.append(s[0].numpy())
+        soft_masks = np.stack(soft_maps) if output_size == "model" or len({m.shape for m in soft_maps}) == 1 else soft_maps
+        if isinstance(soft_masks, list):
+            return SynDiffOutput(masks=[m > threshold for m in soft_masks], soft_masks=soft_masks)
+        return SynDiffOutput(masks=soft_masks > threshold, soft_masks=soft_masks)
+
+
+def evaluate(
+    pipe: SynDiffPipeline,
+    samples,
+    num_inference_steps: int = 1,
+    t_infer: int | None = None,
+    seed: int = 0,
+    nsd_tolerance_px: float | None = None,
+) -> tuple[dict, dict]:
+    """Dice, IoU, HD95 and NSD of ``pipe`` on ``samples`` (at the samples' resolution).
+
+    Returns (summary, per_image): summary has the means, *_std and n (see metrics.summarize).
+    """
+    from .metrics import DEFAULT_NSD_TOLERANCE_PX, segmentation_metrics, summarize
+
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe([s.image for s in samples], num_inference_steps, t_infer, generator, output_size="input")
+    preds = np.stack(out.masks)  # [N, H, W]
+    targets = np.stack([s.mask for s in samples])  # [N, H, W]
+    tolerance = DEFAULT_NSD_TOLERANCE_PX if nsd_tolerance_px is None else nsd_tolerance_px
+    per_image = segmentation_metrics(preds, targets, nsd_tolerance_px=tolerance)
+    per_image["id"] = np.array([s.id for s in samples])
+    summary = summarize({k: v for k, v in per_image.items() if k != "id"})
+    summary.update(nsd_tolerance_px=tolerance, steps=num_inference_steps,
+                   t_infer=pipe.profile.diffusion.t_infer if t_infer is None else t_infer, seed=seed)
+    return summary, per_image

@@ -1,0 +1,382 @@
+"""Training: the frozen autoencoder first, then the segmenter with accelerate.
+
+Taught in notebook 04 (training). One call, :func:`train`, does a whole run:
+
+1. Load and check the data, make the split (saved as ``split.json``; test is never touched).
+2. The frozen autoencoder (E, D): pretrained (``full``) or trained here on the training
+   images and masks (``tiny``/``cpu``), cached under ``$SYNDIFF_CACHE`` (default
+   ``~/.cache/syndiff``) so runs with the same data and config share it.
+3. The segmenter: E_phi (initialised from E) and the U-Net, AdamW, the dual loss of Eq. 6.
+   accelerate handles devices, mixed precision and several GPUs (``accelerate launch``).
+4. Every ``val_every`` steps: validation Dice; the best model so far is written to
+   ``RUN_DIR/pipeline`` (model selection on validation only).
+5. Every ``checkpoint_every`` steps: a resumable checkpoint (safetensors only: models,
+   optimizer, learning-rate schedule, step, RNG state), written to a temporary folder and
+   then renamed, so a kill during a save never spoils the last good checkpoint.
+
+Run folder::
+
+    RUN_DIR/split.json  log.jsonl  results.json  vae/  pipeline/  checkpoint/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from .autoencoder import ImageEncoder, build_autoencoder, encode_mask, mask_round_trip_dice, train_autoencoder
+from .config import Profile
+from .diffusion import make_scheduler, training_loss
+from .metrics import dice_score
+from .pipeline import SynDiffPipeline
+from .unet import build_unet
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. a NaN loss); the message says what was kept."""
+
+
+# --- data --------------------------------------------------------------------------------
+def samples_to_tensors(samples) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples -> images [N, 3, S, S] in [-1, 1] and masks [N, 1, S, S] in {0, 1}."""
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    masks = torch.from_numpy(np.stack([s.mask for s in samples]))[:, None].float()
+    return images, masks
+
+
+def prepare_data(data, image_size: int, seed: int = 0, fold: int | None = None, folds: int = 5, synthetic=()):
+    """Load + check the data and split it. Returns (train_samples, val_samples, split dict).
+
+    ``data`` is a folder (CVC-ClinicDB, Kvasir-SEG or image/mask pairs) or None/"toy" for
+    the built-in toy dataset. Synthetic folders are added to the training split only.
+    """
+    samples = data_lib.load_dataset(data, size=image_size)
+    by_id = {s.id: s for s in samples}
+    ids = list(by_id)
+    is_toy = data is None or str(data) == "toy"
+    scheme = "random" if is_toy else data_lib.default_scheme(data)
+    if fold is not None:
+        if scheme != "pranet":
+            raise ValueError("--fold needs CVC-ClinicDB (its video sequences define the folds)")
+        scheme = "kfold"
+    split = data_lib.make_split(ids, scheme, fold=fold or 0, folds=folds, seed=seed)
+    split["data"] = "toy" if is_toy else str(data)
+    train_samples = [by_id[i] for i in split["train"]]
+    val_samples = [by_id[i] for i in split["val"]]
+    split["synthetic"] = []
+    for folder in synthetic:
+        extra = data_lib.load_dataset(folder, size=image_size)
+        for s in extra:
+            s.source = "synthetic"
+        train_samples += extra
+        split["synthetic"].append({"folder": str(folder), "n": len(extra)})
+    return train_samples, val_samples, split
+
+
+def random_batch(images, masks, batch_size: int, generator: torch.Generator, flip: bool):
+    """A random batch with optional random flips (the same flip for image and mask)."""
+    idx = torch.randint(len(images), (batch_size,), generator=generator)
+    x, y = images[idx], masks[idx]  # [B, 3, S, S], [B, 1, S, S]
+    if flip:
+        for dim in (2, 3):
+            do = torch.rand(batch_size, generator=generator) < 0.5
+            x[do], y[do] = x[do].flip(dim), y[do].flip(dim)
+    return x, y
+
+
+# --- the frozen autoencoder --------------------------------------------------------------
+def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int) -> str:
+    blob = json.dumps([profile.autoencoder.__dict__, profile.train.image_size, sorted(train_ids), str(data), seed], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: Path, seed: int, log=print) -> AutoencoderKL:
+    """The frozen (E, D): from the run folder, the cache, the hub (``full``), or trained now."""
+    cfg = profile.autoencoder
+    if (run_dir / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(run_dir / "vae")
+    elif cfg.pretrained is not None:
+        vae = build_autoencoder(cfg)
+    else:
+        cache = Path(os.environ.get("SYNDIFF_CACHE", Path.home() / ".cache" / "syndiff"))
+        cached = cache / "autoencoders" / autoencoder_cache_key(profile, train_ids, data, seed)
+        if (cached / "config.json").exists():
+            log(f"autoencoder: using the cached one in {cached}")
+            vae = AutoencoderKL.from_pretrained(cached)
+        else:
+            log(f"autoencoder: training it on {len(images)} training images and masks (no pretrained weights offline)")
+            torch.manual_seed(seed)  # the initial weights
+            vae = build_autoencoder(cfg)
+            summary = train_autoencoder(vae, images, masks, cfg, torch.Generator().manual_seed(seed), log)
+            log(f"autoencoder: {summary['steps']} steps in {summary['seconds']} s")
+            vae.save_pretrained(cached)
+        vae.save_pretrained(run_dir / "vae")
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+# --- checkpoints: safetensors only, written atomically ----------------------------------
+def _optimizer_to_safetensors(optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for param_id, entries in state["state"].items():
+        for name, value in entries.items():
+            key = f"{param_id}.{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                meta["scalars"][key] = value
+    return tensors, meta
+
+
+def _optimizer_from_safetensors(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, models: dict, optimizer, lr_scheduler, generator, state: dict) -> None:
+    """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by renames."""
+    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, model in models.items():
+        model.save_pretrained(tmp / name)
+    tensors, meta = _optimizer_to_safetensors(optimizer)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    save_file({"generator": generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    meta["lr_scheduler"] = lr_scheduler.state_dict()
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    (tmp / "state.json").write_text(json.dumps(state))  # written last: marks the folder complete
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a kill between the two renames leaves .tmp or .old)."""
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        if (run_dir / name / "state.json").exists():
+            return run_dir / name
+    return None
+
+
+def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generator) -> dict:
+    for name, model in models.items():
+        weights = load_file(path / name / "diffusion_pytorch_model.safetensors")
+        model.load_state_dict(weights)
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_optimizer_from_safetensors(load_file(path / "optimizer.safetensors"), meta))
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    rng = load_file(path / "rng.safetensors")
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    return json.loads((path / "state.json").read_text())
+
+
+# --- validation ---------------------------------------------------------------------------
+def validation_dice(pipe: SynDiffPipeline, samples, seed: int = 0) -> float:
+    """Mean single-step Dice on the validation samples (fixed noise seed)."""
+    out = pipe([s.image for s in samples], generator=torch.Generator().manual_seed(seed), output_size="model")
+    return float(np.mean([dice_score(p, s.mask) for p, s in zip(out.masks, samples)]))
+
+
+def hardware_info(accelerator: Accelerator | None = None) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if accelerator is not None:
+        info["num_processes"] = accelerator.num_processes
+        info["mixed_precision"] = accelerator.mixed_precision
+    return info
+
+
+# --- the run ------------------------------------------------------------------------------
+def train(
+    profile: Profile,
+    data,
+    out,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    fold: int | None = None,
+    folds: int = 5,
+    synthetic=(),
+    log=print,
+) -> dict:
+    """Train a SynDiff segmenter; returns the results dict also written to results.json."""
+    run_dir = Path(out)
+    t_start = time.time()
+    tcfg = profile.train
+    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
+    is_main = accelerator.is_main_process
+
+    # 1. Data and split.
+    train_samples, val_samples, split = prepare_data(data, tcfg.image_size, seed, fold, folds, synthetic)
+    if run_dir.exists() and not resume and find_checkpoint(run_dir) is not None:
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        data_lib.save_split(split, run_dir / "split.json")
+        (run_dir / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2))
+    log(f"data: {len(train_samples)} train, {len(val_samples)} val ({split['scheme']} split); test is not used in training")
+    images, masks = samples_to_tensors(train_samples)
+
+    # 2. The frozen autoencoder.
+    vae = get_autoencoder(profile, images, masks, split["train"], split["data"], run_dir, seed, log).to(accelerator.device)
+    val_masks = samples_to_tensors(val_samples)[1] if val_samples else masks[:16]
+    round_trip = mask_round_trip_dice(vae, val_masks.to(accelerator.device)).mean().item()
+    log(f"autoencoder: mask round-trip Dice on validation {round_trip:.3f} (the ceiling for this run)")
+
+    # 3. The segmenter: E_phi initialised from E, and the U-Net.
+    torch.manual_seed(seed)
+    image_encoder = ImageEncoder.from_vae(vae)
+    image_encoder.requires_grad_(not tcfg.freeze_encoder)
+    unet = build_unet(profile.unet, tcfg.image_size // 8)
+    scheduler = make_scheduler(profile.diffusion)
+    trainable = list(unet.parameters()) + ([] if tcfg.freeze_encoder else list(image_encoder.parameters()))
+    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=tcfg.lr_warmup_steps, num_training_steps=tcfg.max_steps)
+    unet, image_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, image_encoder, optimizer, lr_scheduler)
+    models = {"unet": unet, "image_encoder": image_encoder}
+    generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+
+    state = {"step": 0, "elapsed_s": 0.0, "best_val_dice": -1.0, "best_step": None}
+    checkpoint = find_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, {k: accelerator.unwrap_model(m) for k, m in models.items()}, optimizer, lr_scheduler, generator)
+        log(f"resumed from step {state['step']} ({checkpoint.name})")
+    elif resume:
+        log("no checkpoint found: starting from step 0")
+
+    def make_pipeline():
+        return SynDiffPipeline(vae, accelerator.unwrap_model(image_encoder), accelerator.unwrap_model(unet), scheduler, profile)
+
+    def save_state():
+        if is_main:
+            state["elapsed_s"] = elapsed()
+            save_checkpoint(run_dir, {k: accelerator.unwrap_model(m) for k, m in models.items()}, optimizer, lr_scheduler, generator, state)
+
+    def validate():
+        pipe = make_pipeline()
+        dice = validation_dice(pipe, val_samples, seed) if val_samples else float("nan")
+        for model in models.values():
+            model.train()
+        image_encoder.train(not tcfg.freeze_encoder)
+        record = {"step": state["step"], "val_dice": dice, "elapsed_s": round(elapsed(), 1)}
+        if is_main and dice > state["best_val_dice"]:
+            state["best_val_dice"], state["best_step"] = dice, state["step"]
+            tmp = run_dir / "pipeline.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            pipe.save_pretrained(tmp)
+            shutil.rmtree(run_dir / "pipeline", ignore_errors=True)
+            tmp.rename(run_dir / "pipeline")
+            record["best"] = True
+        write_log(record)
+        log(f"step {state['step']}: validation Dice {dice:.3f} (best {state['best_val_dice']:.3f} at step {state['best_step']})")
+
+    log_file = run_dir / "log.jsonl"
+
+    def write_log(record):
+        if is_main:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    session_start, elapsed_before = time.time(), state["elapsed_s"]
+
+    def elapsed():
+        return elapsed_before + time.time() - session_start
+
+    # 4. The loop.
+    budget_s = tcfg.max_minutes * 60
+    unet.train()
+    image_encoder.train(not tcfg.freeze_encoder)
+    bar = tqdm(total=tcfg.max_steps, initial=state["step"], desc="train", disable=not is_main or None)
+    stop_reason = "max_steps"
+    while state["step"] < tcfg.max_steps:
+        if elapsed() > budget_s:
+            stop_reason = "time budget"
+            break
+        pixels, mask = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment)
+        pixels, mask = pixels.to(accelerator.device), mask.to(accelerator.device)
+        with accelerator.autocast():
+            mask_latent = encode_mask(vae, mask)  # z_0 [B, 4, h, w], frozen E
+            image_latent = image_encoder(pixels)  # z_c [B, 4, h, w], trainable E_phi
+            loss, parts = training_loss(unet, scheduler, profile.diffusion, image_latent, mask_latent, generator)
+        if not torch.isfinite(loss):
+            kept = find_checkpoint(run_dir)
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {state['step'] + 1}; stopping. "
+                + (f"The last good checkpoint (step {json.loads((kept / 'state.json').read_text())['step']}) is kept in {kept}."
+                   if kept else "No checkpoint had been written yet.")
+                + " Try a lower --lr or mixed_precision='no'."
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and tcfg.grad_clip:
+            accelerator.clip_grad_norm_(trainable, tcfg.grad_clip)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if state["step"] % tcfg.log_every == 0:
+            write_log({"step": state["step"], "loss": loss.item(), **parts, "lr": lr_scheduler.get_last_lr()[0], "elapsed_s": round(elapsed(), 1)})
+        if state["step"] % tcfg.val_every == 0:
+            validate()
+        if state["step"] % tcfg.checkpoint_every == 0:
+            save_state()
+    bar.close()
+    if state["step"] % tcfg.val_every != 0:  # the last steps since the last validation
+        validate()
+    save_state()
+
+    # 5. Results.
+    results = {
+        "model": "syndiff",
+        "profile": profile.name,
+        "recipe": profile.diffusion.recipe,
+        "config": profile.to_dict(),
+        "seed": seed,
+        "data": split["data"],
+        "split": {k: len(split[k]) for k in ("train", "val", "test")} | {"scheme": split["scheme"], "fold": split.get("fold")},
+        "synthetic": split["synthetic"],
+        "steps": state["step"],
+        "stop_reason": stop_reason,
+        "train_seconds": round(state["elapsed_s"], 1),
+        "wall_seconds_this_session": round(time.time() - t_start, 1),
+        "best_step": state["best_step"],
+        "val_dice": state["best_val_dice"],
+        "autoencoder_round_trip_dice_val": round_trip,
+        "hardware": hardware_info(accelerator),
+    }
+    if is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log(f"done: {state['step']} steps ({stop_reason}); best validation Dice {state['best_val_dice']:.3f} at step {state['best_step']}")
+    return results
+

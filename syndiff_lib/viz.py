@@ -1,0 +1,144 @@
+"""Overlays and figure grids used by all notebooks (01 data onward).
+
+Each plotting function returns a `matplotlib.figure.Figure`. It is made with pyplot and closed
+from pyplot before it is returned, so a notebook shows it once (as the cell's value), scripts
+save it with `fig.savefig(path)`, and nothing piles up in memory. No backend is chosen here.
+Images are uint8 [H, W, 3]; masks are bool [H, W].
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from scipy import ndimage
+
+from .metrics import dice_score
+
+DPI = 90  # modest: keeps the executed notebooks light
+TARGET_COLOR = (0, 255, 0)  # ground truth in green
+PRED_COLOR = (255, 0, 255)  # prediction in magenta: stays distinct from green for most colour-blind readers
+
+
+def overlay(image_uint8, mask, color=(0, 255, 0), alpha: float = 0.4, contour_only: bool = False) -> np.ndarray:
+    """Blend `color` into `image_uint8` [H, W, 3] where `mask` [H, W] is True; returns uint8 [H, W, 3].
+
+    contour_only=True paints only the mask's outline (one pixel wide), at full opacity.
+    """
+    image = np.asarray(image_uint8)
+    mask = np.asarray(mask)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image_uint8 must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    if mask.shape != image.shape[:2] or mask.dtype != bool:
+        raise ValueError(f"mask must be bool {image.shape[:2]}, got {mask.dtype} {mask.shape}")
+    if contour_only:
+        mask = mask & ~ndimage.binary_erosion(mask)  # the mask's own edge pixels
+        alpha = 1.0
+    out = image.astype(np.float32)  # [H, W, 3]
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.array(color, dtype=np.float32)
+    return out.round().astype(np.uint8)
+
+
+def _axes_grid(n_panels: int, ncols: int, figsize, panel_inches: float = 2.5):
+    """A figure with rows x ncols axes (ticks off); returns the figure and the flat list of axes."""
+    ncols = max(1, min(ncols, n_panels))
+    nrows = -(-n_panels // ncols)  # ceil division
+    figsize = figsize or (panel_inches * ncols, panel_inches * nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, dpi=DPI, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def _finish(fig: Figure) -> Figure:
+    """Tighten the layout and hand the figure over from pyplot to the caller."""
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def show_grid(images, titles=None, ncols: int = 4, figsize=None) -> Figure:
+    """Images ([H, W, 3] colour or [H, W] grey/mask) in a grid, with optional titles."""
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"titles has {len(titles)} entries for {len(images)} images")
+    fig, axes = _axes_grid(len(images), ncols, figsize)
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        axes[i].imshow(image, cmap="gray" if image.ndim == 2 else None)
+        if titles is not None:
+            axes[i].set_title(titles[i], fontsize=9)
+    return _finish(fig)
+
+
+def compare_figure(images, targets, preds, n: int = 6, row_titles=None) -> Figure:
+    """One row per example: image | ground truth overlay | prediction overlay (Dice in its title).
+
+    images: uint8 [N, H, W, 3]; targets and preds: bool [N, H, W]. Shows the first `n`.
+    row_titles: optional label per row (e.g. the file name), put over the image.
+    """
+    n = min(n, len(images))
+    fig, axes = _axes_grid(3 * n, ncols=3, figsize=None)
+    for row in range(n):
+        image, target, pred = np.asarray(images[row]), np.asarray(targets[row]), np.asarray(preds[row])
+        panels = [
+            (image, "image" if row_titles is None else row_titles[row]),
+            (overlay(image, target, TARGET_COLOR), "ground truth"),
+            (overlay(image, pred, PRED_COLOR), f"prediction, Dice {dice_score(pred, target):.3f}"),
+        ]
+        for col, (panel, title) in enumerate(panels):
+            axes[3 * row + col].imshow(panel)
+            axes[3 * row + col].set_title(title, fontsize=9)
+    return _finish(fig)
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSONL metrics log, one dict per non-empty line."""
+    with open(path) as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` values (fewer at the start); same length as `values`."""
+    cumsum = np.cumsum(np.insert(np.asarray(values, dtype=np.float64), 0, 0.0))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (cumsum[ends] - cumsum[starts]) / (ends - starts)
+
+
+def plot_training_log(log_path_or_records, keys=("loss",), smooth: int = 1) -> Figure:
+    """One panel per key against "step", from a JSONL log ({"step": int, "loss": float, ...} per line).
+
+    Records without a key are skipped for that key (e.g. validation every k steps).
+    smooth > 1 draws the raw curve faintly and a trailing running mean over `smooth` records on top.
+    """
+    records = log_path_or_records
+    if isinstance(records, (str, Path)):
+        records = read_jsonl(records)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), dpi=DPI, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        steps, values = np.array(points, dtype=np.float64).reshape(-1, 2).T  # [T], [T]
+        if smooth > 1:
+            ax.plot(steps, values, alpha=0.3, color="C0")
+            ax.plot(steps, running_mean(values, smooth), color="C0", label=f"running mean ({smooth})")
+            ax.legend(fontsize=8)
+        else:
+            ax.plot(steps, values, color="C0")
+        ax.set_xlabel("step")
+        ax.set_title(key, fontsize=10)
+    return _finish(fig)
+
+
+def latent_grid(latent) -> Figure:
+    """The channels of one latent [4, h, w], side by side, each on a colour scale symmetric about 0."""
+    latent = np.asarray(latent, dtype=np.float32)
+    if latent.ndim != 3:
+        raise ValueError(f"latent must be [C, h, w] (e.g. [4, h, w]), got shape {latent.shape}")
+    fig, axes = _axes_grid(len(latent), ncols=len(latent), figsize=None)
+    for channel, ax in enumerate(axes):
+        limit = float(np.abs(latent[channel]).max()) or 1.0
+        shown = ax.imshow(latent[channel], cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(f"channel {channel}", fontsize=9)
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    return _finish(fig)
