@@ -57,10 +57,15 @@ def cmd_train(args) -> int:
     profile.train = dataclasses.replace(profile.train, **{k: v for k, v in train_overrides.items() if v is not None})
     if args.freeze_encoder:
         profile.train.freeze_encoder = True
-    results = train(
-        profile, args.data or default_data(), args.out, seed=args.seed, resume=args.resume,
-        fold=args.fold, folds=args.folds, synthetic=args.synthetic or (),
-    )
+    common = dict(seed=args.seed, fold=args.fold, folds=args.folds, synthetic=args.synthetic or ())
+    if args.model == "baseline":
+        from .baseline import train_baseline
+
+        if args.resume:
+            raise ValueError("the baseline trains in one go: --resume is for SynDiff runs")
+        results = train_baseline(profile, args.data or default_data(), args.out, **common)
+    else:
+        results = train(profile, args.data or default_data(), args.out, resume=args.resume, **common)
     print(json.dumps({k: results[k] for k in ("steps", "train_seconds", "val_dice", "best_step")}))
     return 0
 
@@ -87,10 +92,10 @@ def _split_samples(run_dir: Path, data, split_name: str, size: int):
 def cmd_evaluate(args) -> int:
     import torch
 
-    from .pipeline import SynDiffPipeline, evaluate
+    from .pipeline import evaluate, load_pipeline
 
     data = args.data or default_data()
-    pipe = SynDiffPipeline.from_pretrained(args.checkpoint, device=args.device)
+    pipe = load_pipeline(args.checkpoint, device=args.device)
     samples = _split_samples(Path(args.checkpoint), data, args.split, pipe.profile.train.image_size)
     if not samples:
         raise ValueError(f"the {args.split} split of {data} is empty")
@@ -113,7 +118,7 @@ def cmd_segment(args) -> int:
     from PIL import Image
 
     from .data import read_image
-    from .pipeline import SynDiffPipeline
+    from .pipeline import load_pipeline
 
     files = []
     for item in map(Path, args.inputs):
@@ -126,7 +131,7 @@ def cmd_segment(args) -> int:
     if not files:
         raise ValueError(f"no images found in {', '.join(args.inputs)}")
     images = [read_image(f) for f in files]  # checked up front: an unreadable file stops here
-    pipe = SynDiffPipeline.from_pretrained(args.checkpoint, device=args.device)
+    pipe = load_pipeline(args.checkpoint, device=args.device)
     out = pipe(images, args.steps, args.t_infer, torch.Generator().manual_seed(args.seed))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("train", help="train a segmenter (frozen autoencoder first)")
     p.add_argument("--profile", default="tiny", choices=["tiny", "cpu", "full", "full-random"])
+    p.add_argument("--model", default="syndiff", choices=["syndiff", "baseline"],
+                   help="baseline: a plain pixel-space U-Net with the same data and budget")
     p.add_argument("--config", default=None, choices=["paper", "default"], help="diffusion recipe (default: the profile's)")
     _add_data(p)
     p.add_argument("--out", required=True, help="run folder")

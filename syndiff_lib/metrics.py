@@ -24,7 +24,6 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 
 METRIC_NAMES = ("dice", "iou", "hd95", "nsd")
 
@@ -57,6 +56,9 @@ def check_inputs(pred, target) -> tuple[np.ndarray, np.ndarray]:
 
 def _monai_metrics(pred: np.ndarray, target: np.ndarray, nsd_tolerance_px: float) -> dict[str, np.ndarray]:
     """Run the four MONAI metrics on pairs where both masks are non-empty."""
+    # Imported here: MONAI takes seconds to import, and most `syndiff` verbs never need it.
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
+
     # MONAI wants one-hot [N, C, H, W]; our single channel is the polyp, so keep it
     # (include_background=True) instead of letting MONAI drop channel 0.
     y_pred = torch.from_numpy(pred[:, None]).float()  # [N, 1, H, W]
@@ -116,6 +118,8 @@ def dice_score(pred, target) -> float:
         return 1.0
     if not pred.any() or not target.any():
         return 0.0
+    from monai.metrics import compute_dice
+
     y_pred, y = torch.from_numpy(pred[:, None]).float(), torch.from_numpy(target[:, None]).float()  # [1, 1, H, W]
     return float(compute_dice(y_pred, y, include_background=True))
 

@@ -203,3 +203,14 @@ def evaluate(
     summary.update(nsd_tolerance_px=tolerance, steps=num_inference_steps,
                    t_infer=pipe.profile.diffusion.t_infer if t_infer is None else t_infer, seed=seed)
     return summary, per_image
+
+
+def load_pipeline(path, device="cpu", dtype=torch.float32):
+    """A trained run's model, whichever kind it is: SynDiff or the pixel-space baseline."""
+    path = Path(path)
+    for folder in (path / "pipeline", path):
+        if (folder / "baseline_config.json").exists():
+            from .baseline import BaselinePipeline
+
+            return BaselinePipeline.from_pretrained(folder, device, dtype)
+    return SynDiffPipeline.from_pretrained(path, device, dtype)

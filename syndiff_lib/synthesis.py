@@ -46,7 +46,7 @@ from accelerate import PartialState
 from PIL import Image
 
 from . import viz
-from .data import IMAGE_SUFFIXES, Sample, default_scheme, load_dataset, make_split, read_image
+from .data import IMAGE_SUFFIXES, Sample, default_scheme, load_dataset, make_split, read_image, read_mask
 
 PROMPT_BANK = Path(__file__).parent / "prompts.jsonl"  # 50 prompts, one JSON object per line
 NEGATIVE_PROMPT = "smooth healthy tissue, normal colon wall"  # paper Sec. 4.2
@@ -68,11 +68,11 @@ BORDER_MARGIN = 0.05  # keep this fraction of the short side between a polyp and
 POLYP_GAP = 0.04  # ... and between the new polyp and the lumen or an existing polyp
 PLACEMENT_TRIES = 200  # centres tried per (background, source) before drawing another pair
 MAX_ATTEMPTS = 20  # (background, source) pairs tried per sample before giving up
-CHANGE_THRESHOLD = 10.0  # grey levels: a pixel "changed" when the blurred |after - before| exceeds this
-CHANGE_BLUR = 1.5  # sigma in px of that blur: single noisy pixels are not a change
+CHANGE_THRESHOLD = 10.0  # grey levels: a pixel "changed" when mean_c |after - before| exceeds this ...
+CHANGE_MIN_PX = 3  # ... inside a 3 x 3 square of changed pixels (an opening): lone noisy pixels do not count
 # Default SDXL inpainting weights. The revision is the commit that several public projects pin
-# for this repository (seen through the project's code search, not checked against the hub
-# here); pass --revision main for the newest.
+# for this repository (found by searching public code; not checked against the hub from here);
+# pass --revision main for the newest.
 SDXL_INPAINT_MODEL_ID = "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
 SDXL_INPAINT_REVISION = "115134f363124c53c7d878647567d04daf26e41e"
 
@@ -96,6 +96,7 @@ class PolypPrompt:
     colour: str = "unspecified"  # (text only)
     setting: str = "unspecified"  # wall | fold | lumen (text only; placement does not read it)
     negative_prompt: str = NEGATIVE_PROMPT
+    source: str = "user"  # the bank says "paper Sec. 3.2" / "paper Sec. 4.2" for the paper's own prompts
 
     def attributes(self) -> dict:
         return {"morphology": self.morphology, "size": self.size, "surface": self.surface,
@@ -106,7 +107,7 @@ def load_prompts(path=None) -> list[PolypPrompt]:
     """Read a prompt file: JSON Lines, one object per line (notebook 02).
 
     Each line needs "prompt" and "size" (diminutive | small | large); "id", "morphology"
-    (a Paris class), "surface", "colour", "setting" and "negative_prompt" are optional.
+    (a Paris class), "surface", "colour", "setting", "negative_prompt" and "source" are optional.
     Blank lines are skipped. path=None reads the bundled 50-prompt bank.
     """
     path = PROMPT_BANK if path is None else Path(path)
@@ -132,8 +133,10 @@ def load_prompts(path=None) -> list[PolypPrompt]:
         known = {"id", "prompt", "size", "morphology", "surface", "colour", "setting", "negative_prompt", "source"}
         if set(row) - known:
             raise SynthesisError(f"{where}: unknown keys {sorted(set(row) - known)}; allowed: {sorted(known)}")
-        fields = {k: str(row[k]) for k in ("morphology", "surface", "colour", "setting", "negative_prompt") if k in row}
-        prompts.append(PolypPrompt(id=str(row.get("id", f"line{number}")), text=row["prompt"], size=row["size"], **fields))
+        optional = ("morphology", "surface", "colour", "setting", "negative_prompt", "source")
+        fields = {k: str(row[k]) for k in optional if k in row}
+        prompt_id = str(row.get("id", f"line{number}"))
+        prompts.append(PolypPrompt(id=prompt_id, text=row["prompt"], size=row["size"], **fields))
     if not prompts:
         raise SynthesisError(f"prompt file {path} holds no prompts")
     return prompts
@@ -152,12 +155,10 @@ def field_of_view(image: np.ndarray) -> np.ndarray:
     The hull closes the dark lumen inside the view; the black corners stay outside (notebook 02).
     """
     lit = (image.max(axis=2) > DARK_LEVEL).astype(np.uint8)  # [H, W]
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(lit)
+    outlines, _ = cv2.findContours(lit, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     view = np.zeros(image.shape[:2], np.uint8)
-    if count > 1:
-        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        hull = cv2.convexHull(cv2.findNonZero((labels == largest).astype(np.uint8)))
-        cv2.fillConvexPoly(view, hull, 1)
+    if outlines:
+        cv2.fillConvexPoly(view, cv2.convexHull(max(outlines, key=cv2.contourArea)), 1)
     return view.astype(bool)
 
 
@@ -177,7 +178,11 @@ def forbidden_region(background: Sample) -> np.ndarray:
 
 
 def mask_shape(mask: np.ndarray) -> tuple[float, float]:
-    """(equivalent diameter in px, axis ratio in (0, 1]) of a non-empty mask, from its moments."""
+    """(equivalent diameter in px, axis ratio in (0, 1]) of a non-empty mask (notebook 02).
+
+    Equivalent diameter = the diameter of the disc of equal area, sqrt(4 A / pi); axis ratio =
+    sqrt(minor / major eigenvalue) of the mask's second central moments (1 for a disc).
+    """
     moments = cv2.moments(mask.astype(np.uint8), binaryImage=True)
     area = moments["m00"]
     if area == 0:
@@ -188,8 +193,18 @@ def mask_shape(mask: np.ndarray) -> tuple[float, float]:
     return math.sqrt(4 * area / math.pi), math.sqrt(variance_minor / variance_major) if variance_major > 0 else 1.0
 
 
+def polyp_is_whole(sample: Sample) -> bool:
+    """True when the polyp stays inside the field of view, off its edge (notebook 02).
+
+    A polyp cut by the view's edge (a third of ClinicDB's) would paste with a straight cut and
+    a dark rim, so it is not used as a mask source.
+    """
+    inner_view = cv2.erode(field_of_view(sample.image).astype(np.uint8), _disk(3)) > 0
+    return bool(sample.mask.any() and not (sample.mask & ~inner_view).any())
+
+
 def draw_diameter(size: str, frame_shape, rng: np.random.Generator) -> float:
-    """A target equivalent diameter in px, uniform in the size class's band of the short side."""
+    """A target equivalent diameter in px, uniform in the size class's band of the short side (notebook 02)."""
     low, high = SIZE_CLASSES[size]
     return float(rng.uniform(low, high) * min(frame_shape[:2]))
 
@@ -285,7 +300,10 @@ class CopyPasteBackend:
         region = cv2.dilate(placement.mask.astype(np.uint8) * 255, _disk(self.seam_px))  # [H, W]
         x, y, w, h = cv2.boundingRect(region)
         centre = (x + w // 2, y + h // 2)  # seamlessClone puts the region's box centre here: no shift
-        return cv2.seamlessClone(donor, background, region, centre, cv2.NORMAL_CLONE)
+        # A copy: OpenCV writes into the mask it is given. It also solves on the region's bounding
+        # box and nudges pixels outside the region by a few grey levels, so keep the background there.
+        blended = cv2.seamlessClone(donor, background, region.copy(), centre, cv2.NORMAL_CLONE)  # [H, W, 3]
+        return np.where(region[..., None] > 0, blended, background)
 
 
 def load_sdxl_inpaint(model_id: str = SDXL_INPAINT_MODEL_ID, revision: str = SDXL_INPAINT_REVISION, *,
@@ -293,7 +311,7 @@ def load_sdxl_inpaint(model_id: str = SDXL_INPAINT_MODEL_ID, revision: str = SDX
     """StableDiffusionXLInpaintPipeline.from_pretrained with frozen weights (notebook 02).
 
     fp16: load the repository's fp16 weight files and run in float16 (GPU only).
-    cpu_offload: keep each sub-model on the CPU until it runs (saves GPU memory, ~20 % slower).
+    cpu_offload: keep each sub-model on the CPU until it runs (less GPU memory, slower).
     """
     from diffusers import StableDiffusionXLInpaintPipeline  # imported here: the copy-paste path never needs it
 
@@ -326,7 +344,9 @@ class SDXLInpaintBackend:
                  device="cpu", fp16: bool = False, cpu_offload: bool = False, steps: int = 20,
                  guidance: float = 8.0, strength: float = 0.99, resolution: int = 1024,
                  padding_mask_crop: int | None = None, negative_prompt: str | None = None, feather_px: int = 3):
-        self.pipe = pipe or load_sdxl_inpaint(model_id, revision, device=device, fp16=fp16, cpu_offload=cpu_offload)
+        if pipe is None:
+            pipe = load_sdxl_inpaint(model_id, revision, device=device, fp16=fp16, cpu_offload=cpu_offload)
+        self.pipe = pipe
         self.model_id, self.revision = model_id, revision
         self.steps, self.guidance, self.strength = steps, guidance, strength
         self.resolution, self.padding_mask_crop = resolution, padding_mask_crop
@@ -365,7 +385,8 @@ class SDXLInpaintBackend:
             generated = cv2.resize(generated, (width, height), interpolation=cv2.INTER_AREA)  # [H, W, 3]
         # 4. Keep the background outside the mask: the label stays honest and the VAE's blur stays out.
         grown = cv2.dilate(mask, _disk(self.feather_px)).astype(np.float32) / 255
-        alpha = cv2.GaussianBlur(grown, (0, 0), sigmaX=self.feather_px / 2)[..., None]  # [H, W, 1], ~1 on the mask
+        window = 2 * self.feather_px + 1
+        alpha = cv2.GaussianBlur(grown, (window, window), 0)[..., None]  # [H, W, 1]: 1 on the mask, 0 far off
         blended = alpha * generated.astype(np.float32) + (1 - alpha) * background.astype(np.float32)
         return blended.round().astype(np.uint8)
 
@@ -378,14 +399,16 @@ def consistency_score(before: np.ndarray, after: np.ndarray, mask: np.ndarray,
     """IoU between where the frame changed and the mask that is supposed to label the change.
 
     Beyond the paper (notebook 02): inpainting does not always fill its mask, and then the mask
-    is a wrong label. changed = GaussianBlur(mean_c |after - before|) > threshold. Returns NaN
-    when both `changed` and `mask` are empty; 0 when only one of them is.
+    is a wrong label. changed = opening(mean_c |after - before| > threshold) with a 3 x 3 square,
+    which drops isolated pixels without growing the change. Returns NaN when both `changed` and
+    `mask` are empty; 0 when only one of them is.
     """
     if before.shape != after.shape or mask.shape != before.shape[:2] or mask.dtype != bool:
         raise ValueError(f"consistency_score: images {before.shape} and {after.shape} and bool mask "
                          f"{mask.shape} ({mask.dtype}) must match")
     difference = np.abs(after.astype(np.float32) - before.astype(np.float32)).mean(axis=2)  # [H, W]
-    changed = cv2.GaussianBlur(difference, (0, 0), sigmaX=CHANGE_BLUR) > threshold  # [H, W]
+    square = np.ones((CHANGE_MIN_PX, CHANGE_MIN_PX), np.uint8)
+    changed = cv2.morphologyEx((difference > threshold).astype(np.uint8), cv2.MORPH_OPEN, square) > 0  # [H, W]
     union = np.count_nonzero(changed | mask)
     return float("nan") if union == 0 else np.count_nonzero(changed & mask) / union
 
@@ -414,7 +437,7 @@ def traditional_augment(image: np.ndarray, mask: np.ndarray, generator: torch.Ge
 # ----------------------------------------------------------------------------- inputs
 
 
-def training_sources(data, fold: int = 0) -> list[Sample]:
+def training_frames(data, fold: int = 0) -> list[Sample]:
     """The training frames of a data set: mask sources and default backgrounds (notebook 02).
 
     Split with data.make_split and the data set's default scheme ("pranet" for ClinicDB); only
@@ -427,7 +450,7 @@ def training_sources(data, fold: int = 0) -> list[Sample]:
 
 
 def load_backgrounds(folder) -> list[Sample]:
-    """Polyp-free frames from a folder (e.g. HyperKvasir's normal frames), with empty masks."""
+    """Polyp-free frames from a folder (e.g. HyperKvasir's normal frames), with empty masks (notebook 02)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SynthesisError(f"background folder {folder} does not exist")
@@ -442,19 +465,21 @@ def load_backgrounds(folder) -> list[Sample]:
 
 
 def sample_name(index: int) -> str:
+    """File stem of sample `index`: syn_0000, syn_0001, ..."""
     return f"syn_{index:04d}"
 
 
-def _make_one(index: int, seed: int, backend, prompts: list[PolypPrompt], sources: list[Sample],
-              shapes: list[tuple[float, float]], backgrounds: list[Sample] | None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Sample `index` of a run: (image, label, manifest record). Depends on (seed, index) only."""
+def _make_one(index: int, seed: int, backend, prompts: list[PolypPrompt], frames: list[Sample], sources: list[Sample],
+              shapes: list[tuple[float, float]], backgrounds: list[Sample] | None):
+    """Sample `index` of a run: (image [H, W, 3], label [H, W], manifest record). Depends on (seed, index) only."""
     rng = np.random.default_rng([seed, index])
     prompt = prompts[index % len(prompts)]
-    pool = backgrounds or sources
+    pool = backgrounds or frames
     for _ in range(MAX_ATTEMPTS):
         background = pool[rng.integers(len(pool))]
         diameter = draw_diameter(prompt.size, background.image.shape, rng)
-        source = choose_mask_source(prompt, diameter, sources, shapes, rng, exclude_id=background.id)
+        exclude = None if backgrounds else background.id  # never the frame's own polyp
+        source = choose_mask_source(prompt, diameter, sources, shapes, rng, exclude_id=exclude)
         placement = sample_placement(source.mask, diameter, forbidden_region(background), rng)
         if placement is not None:
             break
@@ -490,7 +515,7 @@ def _remove_unfinished(out_dir: Path, name: str) -> None:
                 path.unlink(missing_ok=True)
 
 
-def synthesize(backend, sources: list[Sample], out_dir, n: int, *, prompts: list[PolypPrompt] | None = None,
+def synthesize(backend, frames: list[Sample], out_dir, n: int, *, prompts: list[PolypPrompt] | None = None,
                backgrounds: list[Sample] | None = None, seed: int = 0, indices=None, resume: bool = False,
                min_consistency: float = 0.0) -> list[dict]:
     """Make samples `indices` (default range(n)) of a run and write them to out_dir (notebook 02).
@@ -508,6 +533,7 @@ def synthesize(backend, sources: list[Sample], out_dir, n: int, *, prompts: list
     prompts = prompts or load_prompts()
     for folder in ("images", "masks", "rejected/images", "rejected/masks", "records"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    sources = [f for f in frames if polyp_is_whole(f)] or frames  # mask sources: whole polyps only
     shapes = [mask_shape(s.mask) for s in sources]
     made = []
     for index in range(n) if indices is None else indices:
@@ -518,13 +544,15 @@ def synthesize(backend, sources: list[Sample], out_dir, n: int, *, prompts: list
             raise SynthesisError(f"{out_dir} already holds sample {name}; pass --resume to continue that run, "
                                  "or choose an empty --out folder")
         _remove_unfinished(out_dir, name)
-        image, label, record = _make_one(index, seed, backend, prompts, sources, shapes, backgrounds)
+        image, label, record = _make_one(index, seed, backend, prompts, frames, sources, shapes, backgrounds)
         record["kept"] = bool(record["consistency"] >= min_consistency)  # NaN never passes
         folder = out_dir if record["kept"] else out_dir / "rejected"
         record["image"], record["mask"] = (str((folder / kind / f"{name}.png").relative_to(out_dir))
                                            for kind in ("images", "masks"))
+        # Mask, image, record, each written whole: a run killed in between leaves a mask or a pair
+        # without a record, and the next run (resume or not) deletes it before making the sample.
         _save_png(label.astype(np.uint8) * 255, out_dir / record["mask"])
-        _save_png(image, out_dir / record["image"])  # the mask is written first: an image always has its label
+        _save_png(image, out_dir / record["image"])
         record_path = out_dir / "records" / f"{name}.json"
         record_path.with_suffix(".partial").write_text(json.dumps(record))
         os.replace(record_path.with_suffix(".partial"), record_path)  # the sample is finished from here on
@@ -544,6 +572,7 @@ def write_manifest(out_dir, n: int) -> Path:
 
 
 def read_manifest(out_dir) -> list[dict]:
+    """The records of out_dir/manifest.jsonl, one dict per sample (notebook 02)."""
     return viz.read_jsonl(Path(out_dir) / "manifest.jsonl")
 
 
@@ -562,7 +591,7 @@ def fig2_grid(out_dir, n: int = 8, ncols: int = 4, rejected: bool = False) -> "v
         row = records[start:start + ncols]
         panels += [read_image(Path(out_dir) / r["image"]) for r in row]
         titles += [f"{r['prompt_id']} {r['attributes']['size']} {r['attributes']['morphology']}" for r in row]
-        panels += [read_image(Path(out_dir) / r["mask"])[..., 0] > 127 for r in row]
+        panels += [read_mask(Path(out_dir) / r["mask"]) for r in row]
         titles += [f"{r['backend']}, consistency {r['consistency']:.2f}" for r in row]
     return viz.show_grid(panels, titles, ncols=ncols)
 
@@ -608,8 +637,8 @@ def synth_command(args: argparse.Namespace) -> int:
         raise SynthesisError(f"--n must be a positive number of samples, got {args.n}")
     prompts = load_prompts(args.prompts)
     backgrounds = None if args.backgrounds is None else load_backgrounds(args.backgrounds)
-    sources = training_sources(args.data, fold=args.fold)
-    state = PartialState()
+    frames = training_frames(args.data, fold=args.fold)
+    state = PartialState(cpu=args.backend == "copy-paste" or args.device == "cpu")  # cpu: CPU processes share too
     if args.backend == "sdxl":
         backend = SDXLInpaintBackend(
             model_id=args.model_id, revision=args.revision, device=args.device or state.device, fp16=args.fp16,
@@ -619,7 +648,7 @@ def synth_command(args: argparse.Namespace) -> int:
         backend = CopyPasteBackend()
     start = time.perf_counter()
     with state.split_between_processes(list(range(args.n))) as mine:
-        made = synthesize(backend, sources, args.out, args.n, prompts=prompts, backgrounds=backgrounds,
+        made = synthesize(backend, frames, args.out, args.n, prompts=prompts, backgrounds=backgrounds,
                           seed=args.seed, indices=mine, resume=args.resume, min_consistency=args.min_consistency)
     seconds = time.perf_counter() - start
     state.wait_for_everyone()

@@ -316,7 +316,10 @@ def train(
     budget_s = tcfg.max_minutes * 60
     unet.train()
     image_encoder.train(not tcfg.freeze_encoder)
-    bar = tqdm(total=tcfg.max_steps, initial=state["step"], desc="train", disable=not is_main or None)
+    # A bar on the main process only, and only on a terminal (None); TQDM_DISABLE=1 silences it
+    # everywhere (an explicit disable=None overrides that variable, and in a notebook it draws a widget).
+    quiet = not is_main or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    bar = tqdm(total=tcfg.max_steps, initial=state["step"], desc="train", disable=quiet or None)
     stop_reason = "max_steps"
     while state["step"] < tcfg.max_steps:
         if elapsed() > budget_s:

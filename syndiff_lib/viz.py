@@ -6,7 +6,9 @@ save it with `fig.savefig(path)`, and nothing piles up in memory. No backend is 
 Images are uint8 [H, W, 3]; masks are bool [H, W].
 """
 
+import html
 import json
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -142,3 +144,45 @@ def latent_grid(latent) -> Figure:
         ax.set_title(f"channel {channel}", fontsize=9)
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     return _finish(fig)
+
+
+class Table:
+    """A small table for notebooks and the book: HTML where a browser shows it, aligned text elsewhere.
+
+    Made by :func:`table`. myst-nb's glue stores both forms, so a table glued in a notebook can be
+    pasted into a book page (notebooks 01-07, "Reproducing the paper").
+    """
+
+    def __init__(self, rows: list[list[str]], columns: list[str], caption: str | None = None):
+        self.rows, self.columns, self.caption = rows, columns, caption
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.rows)
+        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        return f'<table class="table">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+    def __repr__(self) -> str:
+        lines = [self.columns, *self.rows]
+        widths = [max(len(line[k]) for line in lines) for k in range(len(self.columns))]
+        text = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines]
+        text.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(([self.caption] if self.caption else []) + text)
+
+
+def _cell(value, floatfmt: str) -> str:
+    """One table cell as text: floats with `floatfmt`, None and NaN as an em dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "\u2014"
+    if isinstance(value, (float, np.floating)):
+        return format(float(value), floatfmt)
+    return str(value)
+
+
+def table(rows, columns, caption: str | None = None, floatfmt: str = ".3f") -> Table:
+    """A :class:`Table` from rows (lists of values, one per column); floats are written with `floatfmt`."""
+    rows = [list(row) for row in rows]
+    bad = [row for row in rows if len(row) != len(columns)]
+    if bad:
+        raise ValueError(f"every row needs {len(columns)} values (one per column), got {bad[0]}")
+    return Table([[_cell(v, floatfmt) for v in row] for row in rows], [str(c) for c in columns], caption)

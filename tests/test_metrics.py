@@ -183,3 +183,12 @@ def test_figures_are_built(tmp_path):
         assert isinstance(fig, Figure)
     assert len(figures[1].axes) == 2 * 3
     assert len(figures[4].axes) == 4 + 4  # four channels and their colour bars
+
+
+def test_table_renders_html_and_text():
+    tab = viz.table([["dice", 0.12345, None], ["hd95", float("nan"), 3]], ["metric", "ours", "paper"], caption="c")
+    assert tab.rows == [["dice", "0.123", "\u2014"], ["hd95", "\u2014", "3"]]
+    assert "<th>metric</th>" in tab._repr_html_() and "<caption>c</caption>" in tab._repr_html_()
+    assert repr(tab).splitlines()[1].split() == ["metric", "ours", "paper"]
+    with pytest.raises(ValueError, match="3 values"):
+        viz.table([[1, 2]], ["a", "b", "c"])

@@ -1,0 +1,30 @@
+# The two commands of the README. Both set up .venv first (once; again when the pins change).
+#   make book   execute the notebooks with papermill (PROFILE=tiny|cpu, SYNDIFF_DATA=...), build the book
+#   make test   run every test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= tiny
+NB_OUT ?= notebooks
+
+.PHONY: book test setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q --durations=15
+
+book: setup
+	TQDM_DISABLE=1 $(PY) scripts/run_notebooks.py --profile $(PROFILE) --out $(NB_OUT)
+	$(VENV)/bin/jupyter-book build . -W --keep-going
+	@echo "The book: $(CURDIR)/_build/html/index.html"
+
+clean:
+	rm -rf _build artifacts .pytest_cache

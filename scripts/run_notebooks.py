@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Execute the book's notebooks in order with papermill, each on a fresh kernel.
+
+    python scripts/run_notebooks.py --profile tiny                 # rewrite notebooks/ in place (publishing)
+    python scripts/run_notebooks.py --profile tiny --out /tmp/book # a copy: tracked files untouched (CI)
+    jupyter-book build /tmp/book -W                                 # then build the copy
+
+With ``--out`` elsewhere than the repository, the book's sources (_config.yml, _toc.yml,
+references.bib, book/) are copied there first and the executed notebooks are written to
+OUT/notebooks/, so ``jupyter-book build OUT -W`` works on the copy. Results pass from one
+notebook to the next only through the artifacts folder, OUT/artifacts/<profile> by default.
+
+After each notebook, a note at the top of it says how it was made: profile, data, seed,
+device, hardware and run time, read from papermill's metadata. The run stops at the first
+notebook that fails (papermill saves it with the error in place) and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import papermill
+
+REPO = Path(__file__).resolve().parents[1]
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")  # copied next to the executed notebooks
+RUN_INFO_TAG = "run-info"  # the note this script writes; replaced on every run
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> str:
+    """One line: CPU model and cores, GPU if torch sees one, OS."""
+    import torch  # late: argument errors should not wait for torch
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu_model()} ({os.cpu_count()} cores){gpu}; {platform.system()} {platform.release()}"
+
+
+def describe_data(data: str | None) -> str:
+    if data in (None, "", "toy"):
+        return "the built-in toy dataset (`toy`)"
+    return f"`{data}`"
+
+
+def run_info_cell(nb, params: dict, machine: str) -> nbformat.NotebookNode:
+    """A markdown note with what papermill recorded about this execution."""
+    meta = nb.metadata.get("papermill", {})
+    started = (meta.get("start_time") or "")[:16].replace("T", " ")
+    seconds = meta.get("duration") or 0.0
+    text = (
+        "```{note}\n"
+        f"**How this page was made.** Executed with papermill on {started} UTC in {seconds:.0f} s: "
+        f"profile **{params['profile']}**, data {describe_data(params['data'])}, seed {params['seed']}, "
+        f"device {params['device']}, on {machine}. "
+        f"Every number and figure below comes from that run; `make book PROFILE=... SYNDIFF_DATA=...` "
+        "reruns it (see the introduction).\n"
+        "```"
+    )
+    cell = nbformat.v4.new_markdown_cell(text)
+    cell.metadata["tags"] = [RUN_INFO_TAG]
+    return cell
+
+
+def stamp(path: Path, params: dict, machine: str) -> float:
+    """Put the run-info note after the notebook's first (title) cell; return the run time."""
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if RUN_INFO_TAG not in c.get("metadata", {}).get("tags", [])]
+    nb.cells.insert(1, run_info_cell(nb, params, machine))
+    nbformat.write(nb, path)
+    return float(nb.metadata.get("papermill", {}).get("duration") or 0.0)
+
+
+def copy_book_sources(out: Path) -> None:
+    for name in BOOK_SOURCES:
+        source, target = REPO / name, out / name
+        if not source.exists():
+            continue
+        if source.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="tiny", choices=["tiny", "cpu", "full", "full-random"])
+    parser.add_argument("--out", default=str(REPO), help="book folder to write (default: this repository, in place)")
+    parser.add_argument("--data", default=None, help="dataset folder (default: $SYNDIFF_DATA, else the toy dataset)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--artifacts", default=None, help="default: OUT/artifacts/<profile>")
+    parser.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 05,07 (needs earlier artifacts)")
+    parser.add_argument("--kernel", default="python3")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    notebooks = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        wanted = set(args.only.split(","))
+        notebooks = [nb for nb in notebooks if nb.name[:2] in wanted]
+    if not notebooks:
+        print("error: no notebooks to run", file=sys.stderr)
+        return 2
+    if out != REPO:
+        out.mkdir(parents=True, exist_ok=True)
+        copy_book_sources(out)
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+
+    # The kernels inherit this environment: no progress bars, no downloads.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    data = args.data or os.environ.get("SYNDIFF_DATA") or None
+    parameters = {"profile": args.profile, "seed": args.seed, "device": args.device}
+    if args.data:
+        parameters["data"] = args.data
+    if args.artifacts:
+        parameters["artifacts"] = str(Path(args.artifacts).resolve())
+    info = parameters | {"data": data}
+    machine = hardware()
+    print(f"profile {args.profile}, data {data or 'toy'}, out {out}\nhardware: {machine}", flush=True)
+
+    times, start = {}, time.time()
+    for source in notebooks:
+        target = out / "notebooks" / source.name
+        print(f"{source.name} ...", end=" ", flush=True)
+        t0 = time.time()
+        try:
+            papermill.execute_notebook(
+                source, target, parameters=parameters, kernel_name=args.kernel, cwd=target.parent,
+                progress_bar=False, request_save_on_cell_execute=False,
+            )
+        except papermill.PapermillExecutionError as error:
+            print(f"FAILED after {time.time() - t0:.0f} s\n{error}", file=sys.stderr)
+            print(f"the failing notebook, with its error, is {target}", file=sys.stderr)
+            return 1
+        times[source.name] = round(stamp(target, info, machine), 1)
+        print(f"{times[source.name]:.0f} s", flush=True)
+
+    total = time.time() - start
+    summary = {"profile": args.profile, "data": data or "toy", "hardware": machine, "seconds": times,
+               "total_seconds": round(total, 1), "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    artifacts = Path(args.artifacts) if args.artifacts else out / "artifacts" / args.profile
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "run_notebooks.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"all {len(times)} notebooks in {total:.0f} s; executed notebooks in {out / 'notebooks'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

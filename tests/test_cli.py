@@ -1,0 +1,206 @@
+"""The `syndiff` command end to end: bad input, resume after SIGKILL, NaN stop, evaluate,
+segment, bench, and one tiny train -> evaluate on real CVC-ClinicDB when it is present."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from syndiff_lib import train as train_module
+from syndiff_lib.config import get_profile
+from syndiff_lib.data import write_toy_dataset
+
+# Small and quick: the toy dataset, 32x32-latent-free 64x64 inputs, few steps.
+FAST = ["--profile", "tiny", "--max-steps", "40", "--max-minutes", "30", "--val-every", "20", "--checkpoint-every", "10"]
+RESUMABLE = ["--profile", "tiny", "--max-steps", "50", "--max-minutes", "30", "--checkpoint-every", "10", "--val-every", "100"]
+
+
+def syndiff(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "syndiff_lib", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"}, **kwargs)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory) -> Path:
+    return write_toy_dataset(tmp_path_factory.mktemp("toy"), n=48, size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def toy_run(toy_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "toy-run"
+    result = syndiff("train", *FAST, "--data", toy_dir, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+# --- bad input: one clear error naming the file, exit code 2, no traceback ---------------------
+def _broken_dataset(root: Path, problem: str) -> Path:
+    write_toy_dataset(root, n=4, size=64, seed=1)
+    images = sorted((root / "images").iterdir())
+    if problem == "corrupt":
+        images[1].write_bytes(b"this is not a png")
+        return images[1]
+    mask = root / "masks" / images[2].name
+    Image.fromarray(np.zeros((50, 64), np.uint8)).save(mask)
+    return mask
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "size-mismatch"])
+@pytest.mark.parametrize("verb", ["check", "train"])
+def test_bad_data_is_refused_by_name(tmp_path, problem, verb):
+    bad = _broken_dataset(tmp_path / "data", problem)
+    if verb == "check":
+        result = syndiff("data", "check", tmp_path / "data")
+    else:
+        result = syndiff("train", *FAST, "--data", tmp_path / "data", "--out", tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # refused before any work started
+    assert result.returncode == 2
+    assert bad.name in result.stderr and "error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_check_accepts_a_good_folder(toy_dir):
+    result = syndiff("data", "check", toy_dir)
+    assert result.returncode == 0, result.stderr
+    assert "48 image/mask pairs" in result.stdout
+
+
+def test_evaluate_refuses_a_folder_without_a_model(tmp_path, toy_dir):
+    result = syndiff("evaluate", "--checkpoint", tmp_path, "--data", toy_dir)
+    assert result.returncode == 2 and "no trained SynDiff pipeline" in result.stderr
+
+
+# --- training, checkpoints, resume --------------------------------------------------------------
+def test_train_writes_a_complete_run_folder(toy_run):
+    for name in ("split.json", "log.jsonl", "results.json", "pipeline/syndiff_config.json", "checkpoint/state.json"):
+        assert (toy_run / name).exists(), name
+    results = json.loads((toy_run / "results.json").read_text())
+    assert results["steps"] == 40 and results["seed"] == 0 and "hardware" in results
+    split = json.loads((toy_run / "split.json").read_text())
+    assert not set(split["train"]) & set(split["test"]) and not set(split["val"]) & set(split["test"])
+    assert not list(toy_run.rglob("*.bin")) and not list(toy_run.rglob("*.pt"))
+    records = [json.loads(line) for line in (toy_run / "log.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in records) and any("val_dice" in r for r in records)
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_dir, toy_run):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "syndiff_lib", "train", *RESUMABLE, "--data", str(toy_dir), "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 20:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.communicate()[1][-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert killed_at >= 20
+    # Without --resume the run folder is protected.
+    again = syndiff("train", "--profile", "tiny", "--data", toy_dir, "--out", out)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = syndiff("train", *RESUMABLE, "--data", toy_dir, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    match = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "resumed from step" in line]
+    assert match and int(match[0].split("resumed from step ")[1].split()[0]) >= killed_at
+    assert json.loads((out / "results.json").read_text())["steps"] == 50
+
+
+def test_checkpoint_round_trip_restores_optimizer_and_rng(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    model.save_pretrained = lambda path: (Path(path).mkdir(parents=True),
+                                          __import__("safetensors.torch").torch.save_file(model.state_dict(), Path(path) / "diffusion_pytorch_model.safetensors"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5)
+    generator = torch.Generator().manual_seed(5)
+    train_module.save_checkpoint(tmp_path, {"m": model}, optimizer, lr_scheduler, generator, {"step": 7})
+    expected_draw = torch.rand(3, generator=generator)
+    model2 = torch.nn.Linear(3, 2)
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    generator2 = torch.Generator()
+    state = train_module.load_checkpoint(tmp_path / "checkpoint", {"m": model2}, optimizer2,
+                                         torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 0.5), generator2)
+    assert state["step"] == 7
+    torch.testing.assert_close(model2.weight, model.weight)
+    torch.testing.assert_close(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    torch.testing.assert_close(torch.rand(3, generator=generator2), expected_draw)
+    assert not (tmp_path / "checkpoint.tmp").exists() and not (tmp_path / "checkpoint.old").exists()
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, toy_dir, monkeypatch):
+    calls = {"n": 0}
+    real_loss = train_module.training_loss
+
+    def loss_that_breaks(*args, **kwargs):
+        calls["n"] += 1
+        loss, parts = real_loss(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 12 else loss), parts
+
+    monkeypatch.setattr(train_module, "training_loss", loss_that_breaks)
+    profile = get_profile("tiny")
+    profile.train.max_steps, profile.train.checkpoint_every, profile.train.val_every = 30, 5, 100
+    with pytest.raises(train_module.TrainingError, match="last good checkpoint \\(step 10\\)"):
+        train_module.train(profile, toy_dir, tmp_path / "nan", log=lambda *_: None)
+    assert json.loads((tmp_path / "nan" / "checkpoint" / "state.json").read_text())["step"] == 10
+
+
+# --- evaluate, segment, bench -------------------------------------------------------------------
+def test_evaluate_json_last_line(toy_run, toy_dir):
+    result = syndiff("evaluate", "--checkpoint", toy_run, "--data", toy_dir, "--split", "test", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = last_json(result.stdout)
+    for key in ("dice", "iou", "hd95", "nsd", "dice_std", "iou_std", "hd95_std", "nsd_std", "n"):
+        assert key in summary
+    split = json.loads((toy_run / "split.json").read_text())
+    assert summary["n"] == len(split["test"])
+    assert 0 <= summary["dice"] <= 1 and 0 <= summary["nsd"] <= 1
+
+
+def test_segment_writes_png_masks_of_the_input_size(toy_run, toy_dir, tmp_path):
+    result = syndiff("segment", "--checkpoint", toy_run, toy_dir / "images", "--out", tmp_path / "masks")
+    assert result.returncode == 0, result.stderr
+    written = sorted((tmp_path / "masks").glob("*.png"))
+    assert len(written) == 48
+    mask = np.asarray(Image.open(written[0]))
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+
+
+def test_bench_json_has_the_promised_fields(toy_run):
+    result = syndiff("bench", "--checkpoint", toy_run, "--steps", "1,3", "--repeats", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    out = last_json(result.stdout)
+    assert set(out["latency_s"]) == {"1", "3"} and set(out["speedup"]) == {"1", "3"}
+    assert set(out["components"]) == {"encoder_s", "unet_s", "decoder_s"}
+    assert out["floor_s"] == pytest.approx(sum(out["components"].values()))
+    assert out["overhead"] > 0
+
+
+# --- the real thing, when the data is here ------------------------------------------------------
+def test_tiny_train_then_evaluate_on_clinicdb(clinicdb, tmp_path):
+    out = tmp_path / "clinicdb-tiny"
+    trained = syndiff("train", "--profile", "tiny", "--data", clinicdb, "--out", out)
+    assert trained.returncode == 0, trained.stderr
+    result = syndiff("evaluate", "--checkpoint", out, "--data", clinicdb, "--split", "test", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = last_json(result.stdout)
+    assert summary["n"] == 62  # the PraNet test split
+    assert np.isfinite([summary[k] for k in ("dice", "iou", "hd95", "nsd")]).all()
+    split = json.loads((out / "split.json").read_text())
+    assert split["scheme"] == "pranet" and len(split["test"]) == 62
+    print("tiny ClinicDB run:", json.dumps(summary))

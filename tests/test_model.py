@@ -1,0 +1,198 @@
+"""Invariants of the model code (Eq. 1-3), the full (SD-shaped) path with tiny components,
+and pipeline save/load. Fast: tiny random models on CPU, no training, no network."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from syndiff_lib.autoencoder import ImageEncoder, build_autoencoder, decode_mask, encode_mask
+from syndiff_lib.config import AutoencoderConfig, DiffusionConfig, UNetConfig, get_profile
+from syndiff_lib.diffusion import (
+    add_noise, make_scheduler, multi_step, predict_x0_from_noise, single_step, split_prediction, training_loss,
+)
+from syndiff_lib.pipeline import SynDiffPipeline
+from syndiff_lib.unet import build_unet, unet_forward, widen_conv_in
+
+torch.set_num_threads(1)
+
+TINY_AE = AutoencoderConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, crop_size=32)
+# SD-shaped (UNet2DConditionModel with cross-attention blocks), but tiny.
+TINY_SD_UNET = UNetConfig(
+    conditional=True, block_out_channels=(16, 32), attention_levels=(True, False),
+    norm_num_groups=8, cross_attention_dim=16,
+)
+
+
+def tiny_profile(conditional=False, recipe="default"):
+    profile = get_profile("tiny", recipe=recipe)
+    profile.autoencoder = TINY_AE
+    if conditional:
+        profile.unet = TINY_SD_UNET
+    profile.train.image_size = 32
+    return profile
+
+
+@pytest.fixture(params=["epsilon", "sample", "v_prediction"])
+def prediction_type(request):
+    return request.param
+
+
+def test_eq3_with_the_true_noise_returns_z0():
+    scheduler = make_scheduler(DiffusionConfig(prediction_type="epsilon"))
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 50, 500, 999])
+    z_t = add_noise(scheduler, z0, noise, t)
+    torch.testing.assert_close(predict_x0_from_noise(scheduler, z_t, noise, t), z0, atol=1e-4, rtol=1e-4)
+
+
+def test_add_noise_at_alpha_bar_one_returns_its_input():
+    scheduler = make_scheduler(DiffusionConfig())
+    scheduler.alphas_cumprod[0] = 1.0  # alpha_bar = 1 exactly: no noise at all
+    z0 = torch.randn(2, 4, 8, 8)
+    z_t = add_noise(scheduler, z0, torch.randn(2, 4, 8, 8), torch.tensor([0, 0]))
+    torch.testing.assert_close(z_t, z0)
+    # And on the real schedule, t = 0 (alpha_bar = 0.99915) is within a few percent of its input.
+    scheduler = make_scheduler(DiffusionConfig())
+    z_t = add_noise(scheduler, z0, torch.zeros_like(z0), torch.tensor([0, 0]))
+    assert (z_t - z0).abs().max() < 0.01 * z0.abs().max()
+
+
+def test_split_prediction_inverts_each_parameterisation(prediction_type):
+    scheduler = make_scheduler(DiffusionConfig(prediction_type=prediction_type))
+    z0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 400, 999])
+    z_t = add_noise(scheduler, z0, noise, t)
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    perfect = {"epsilon": noise, "sample": z0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0}[prediction_type]
+    z0_pred, noise_pred = split_prediction(scheduler, perfect, z_t, t, prediction_type)
+    torch.testing.assert_close(z0_pred, z0, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(noise_pred, noise, atol=2e-3, rtol=1e-3)
+
+
+def test_eq3_never_divides_by_zero_on_a_zero_snr_schedule():
+    scheduler = make_scheduler(DiffusionConfig(rescale_zero_terminal_snr=True))
+    assert scheduler.alphas_cumprod[999] < 1e-6
+    z0 = predict_x0_from_noise(scheduler, torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.tensor([999]))
+    assert torch.isfinite(z0).all()
+
+
+def test_one_step_ddim_equals_the_single_step_at_t999(prediction_type):
+    profile = tiny_profile()
+    cfg = dataclasses.replace(profile.diffusion, prediction_type=prediction_type)
+    torch.manual_seed(0)
+    unet = build_unet(profile.unet, 4).eval()
+    scheduler = make_scheduler(cfg)
+    image_latent = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        one = single_step(unet, scheduler, cfg, image_latent, 999, torch.Generator().manual_seed(3))
+        ddim = multi_step(unet, scheduler, cfg, image_latent, 1, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(one, ddim, atol=1e-5, rtol=1e-5)
+
+
+def test_widened_conv_in_keeps_the_pretrained_function():
+    torch.manual_seed(0)
+    profile = tiny_profile(conditional=True)
+    cfg = dataclasses.replace(profile.unet)
+    unet4 = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=cfg.block_out_channels,
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, norm_num_groups=8,
+    ).eval()
+    z = torch.randn(1, 4, 4, 4)
+    text = torch.zeros(1, 1, 16)
+    with torch.no_grad():
+        before = unet4(z, 10, encoder_hidden_states=text).sample
+        unet8 = widen_conv_in(unet4)
+        after = unet8(torch.cat([z, z], dim=1), 10, encoder_hidden_states=text).sample
+    assert unet8.conv_in.in_channels == 8 and unet8.config.in_channels == 8
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-4)
+
+
+def test_the_full_path_loads_pretrained_components_from_folders(tmp_path):
+    """`full` loads SD's VAE and U-Net with from_pretrained: exercise it on tiny local copies."""
+    torch.manual_seed(0)
+    build_autoencoder(TINY_AE).save_pretrained(tmp_path / "sd" / "vae")
+    unet4 = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=8,
+    )
+    unet4.save_pretrained(tmp_path / "sd" / "unet")
+    profile = tiny_profile(conditional=True)
+    profile.autoencoder = AutoencoderConfig(pretrained=str(tmp_path / "sd"), subfolder="vae")
+    profile.unet = dataclasses.replace(TINY_SD_UNET, pretrained=str(tmp_path / "sd"))
+    pipe = SynDiffPipeline.from_profile(profile)
+    assert isinstance(pipe.vae, AutoencoderKL)
+    assert pipe.unet.conv_in.in_channels == 8
+    torch.testing.assert_close(pipe.unet.conv_in.weight[:, :4] * 2, unet4.conv_in.weight)
+    # E_phi starts as a copy of E.
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        torch.testing.assert_close(pipe.image_encoder(x), expected)
+    out = pipe(np.zeros((40, 48, 3), np.uint8), generator=torch.Generator().manual_seed(0))
+    assert out.masks.shape == (1, 40, 48) and out.masks.dtype == bool
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["UNet2DModel", "SD-shaped UNet2DConditionModel"])
+def test_pipeline_save_load_roundtrip_is_safetensors_and_exact(tmp_path, conditional):
+    pipe = SynDiffPipeline.from_profile(tiny_profile(conditional))
+    pipe.save_pretrained(tmp_path / "pipe")
+    files = [p.name for p in (tmp_path / "pipe").rglob("*") if p.is_file()]
+    assert any(f.endswith(".safetensors") for f in files)
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) for f in files)
+    loaded = SynDiffPipeline.from_pretrained(tmp_path / "pipe")
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    a = pipe(image, generator=torch.Generator().manual_seed(1)).soft_masks
+    b = loaded(image, generator=torch.Generator().manual_seed(1)).soft_masks
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_same_seed_same_mask_and_multistep_runs():
+    pipe = SynDiffPipeline.from_profile(tiny_profile(recipe="paper"))
+    images = [np.random.default_rng(i).integers(0, 255, (32, 40, 3), dtype=np.uint8) for i in range(3)]
+    a = pipe(images, generator=torch.Generator().manual_seed(0)).soft_masks
+    b = pipe(images, generator=torch.Generator().manual_seed(0)).soft_masks
+    c = pipe(images, generator=torch.Generator().manual_seed(1)).soft_masks
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)  # epsilon-prediction at t = 50: the noise matters
+    assert pipe(images, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).masks.shape == (3, 32, 40)
+
+
+def test_mask_latent_round_trip_shapes_and_range():
+    vae = build_autoencoder(TINY_AE).eval()
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:20, 10:24] = 1
+    z0 = encode_mask(vae, mask)
+    assert z0.shape == (2, 4, 4, 4)
+    soft = decode_mask(vae, z0)
+    assert soft.shape == (2, 1, 32, 32) and soft.min() >= 0 and soft.max() <= 1
+
+
+def test_dual_loss_trains_the_unet():
+    """A few steps on one fixed batch lower the dual loss: the gradients reach the U-Net and E_phi."""
+    profile = tiny_profile(recipe="paper")
+    torch.manual_seed(0)
+    vae = build_autoencoder(TINY_AE).eval()
+    encoder = ImageEncoder.from_vae(vae)
+    unet = build_unet(profile.unet, 4)
+    scheduler = make_scheduler(profile.diffusion)
+    cfg = dataclasses.replace(profile.diffusion, timestep_sampling="fixed", fixed_timestep=500)
+    params = list(unet.parameters()) + list(encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    images, masks = torch.rand(4, 3, 32, 32) * 2 - 1, (torch.rand(4, 1, 32, 32) > 0.7).float()
+    losses = []
+    for step in range(25):
+        loss, parts = training_loss(unet, scheduler, cfg, encoder(images), encode_mask(vae, masks), torch.Generator().manual_seed(0))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        assert set(parts) == {"loss_noise", "loss_latent"}
+    assert losses[-1] < 0.7 * losses[0]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
