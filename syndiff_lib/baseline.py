@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .config import Profile
 from .pipeline import SynDiffOutput, images_to_tensor
+from .train import log_line
 
 BASELINE_CONFIG = "baseline_config.json"
 
@@ -100,7 +101,7 @@ class BaselinePipeline:
         return SynDiffOutput(masks=[s > threshold for s in soft], soft_masks=soft)
 
 
-def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, folds: int = 5, synthetic=(), log=print) -> dict:
+def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, folds: int = 5, synthetic=(), log=log_line) -> dict:
     """Train the baseline under the profile's step and wall-clock budget; best-on-validation is kept."""
     from .train import hardware_info, prepare_data, random_batch, samples_to_tensors, validation_dice
 

@@ -49,6 +49,7 @@ def cmd_train(args) -> int:
     overrides = {
         "lambda_latent": args.lambda_latent, "t_infer": args.t_infer,
         "prediction_type": args.prediction_type, "timestep_sampling": args.timestep_sampling,
+        "decoder_loss_weight": args.decoder_loss_weight, "rescale_zero_terminal_snr": args.zero_snr,
     }
     profile.diffusion = dataclasses.replace(profile.diffusion, **{k: v for k, v in overrides.items() if v is not None})
     train_overrides = {"max_steps": args.max_steps, "max_minutes": args.max_minutes, "lr": args.lr,
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default=None)
     p.add_argument("--timestep-sampling", choices=["uniform", "fixed"], default=None)
     p.add_argument("--t-infer", type=int, default=None)
+    p.add_argument("--decoder-loss-weight", type=float, default=None, help="beyond the paper: loss on the decoded mask")
+    p.add_argument("--zero-snr", action="store_const", const=True, default=None, help="zero-terminal-SNR schedule")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)

@@ -100,9 +100,24 @@ def sample_timesteps(cfg: DiffusionConfig, batch_size: int, generator: torch.Gen
     return t.to(device)
 
 
-def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent, mask_latent, generator: torch.Generator):
+def decoder_loss(vae, mask_latent_pred, mask) -> torch.Tensor:
+    """Not in the paper: a pixel-space loss through the frozen decoder D (as in E2E-FT).
+
+    x = mean over channels of D(z~_0 / s), nominally in [-1, 1]; loss = L1(x, 2X - 1) +
+    (1 - soft Dice of (x + 1) / 2 against X). Gradients flow through D into the U-Net.
+    """
+    x = vae.decode(mask_latent_pred.to(vae.dtype) / vae.config.scaling_factor).sample.float().mean(1, keepdim=True)  # [B, 1, H, W]
+    target = mask.float()  # [B, 1, H, W] in {0, 1}
+    prob = ((x + 1) / 2).clamp(0, 1)
+    dice = (2 * (prob * target).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    return F.l1_loss(x, target * 2 - 1) + (1 - dice).mean()
+
+
+def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent, mask_latent, generator: torch.Generator, vae=None, mask=None):
     """The dual loss of Eq. 4-6: L = ||n - n~||_1 + lambda * ||z_0 - z~_0||_1.
 
+    With ``cfg.decoder_loss_weight`` > 0 (not the paper), :func:`decoder_loss` is added; it
+    needs the frozen ``vae`` and the pixel ``mask`` [B, 1, H, W].
     Returns (loss, {"loss_noise": ..., "loss_latent": ...}) with detached floats in the dict.
     """
     # 1. Draw t and n, and noise the mask latent (Eq. 1).
@@ -119,7 +134,13 @@ def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent, mask_late
     loss_noise = F.l1_loss(noise_pred, noise.float())  # Eq. 4
     loss_latent = F.l1_loss(mask_latent_pred, mask_latent.float())  # Eq. 5
     loss = loss_noise + cfg.lambda_latent * loss_latent  # Eq. 6
-    return loss, {"loss_noise": loss_noise.item(), "loss_latent": loss_latent.item()}
+    parts = {"loss_noise": loss_noise.item(), "loss_latent": loss_latent.item()}
+    # 5. (Optional, beyond the paper) supervise the decoded mask itself.
+    if cfg.decoder_loss_weight > 0:
+        loss_decoder = decoder_loss(vae, mask_latent_pred, mask)
+        loss = loss + cfg.decoder_loss_weight * loss_decoder
+        parts["loss_decoder"] = loss_decoder.item()
+    return loss, parts
 
 
 def single_step(unet, scheduler, cfg: DiffusionConfig, image_latent, t_infer: int, generator: torch.Generator | None = None, noise=None):

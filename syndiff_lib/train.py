@@ -47,6 +47,11 @@ from .pipeline import SynDiffPipeline
 from .unet import build_unet
 
 
+def log_line(message: str) -> None:
+    """Progress messages: printed and flushed at once, so a log file shows them live."""
+    print(message, flush=True)
+
+
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. a NaN loss); the message says what was kept."""
 
@@ -105,7 +110,7 @@ def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: Path, seed: int, log=print) -> AutoencoderKL:
+def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: Path, seed: int, log=log_line) -> AutoencoderKL:
     """The frozen (E, D): from the run folder, the cache, the hub (``full``), or trained now."""
     cfg = profile.autoencoder
     if (run_dir / "vae" / "config.json").exists():
@@ -124,7 +129,10 @@ def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: P
             vae = build_autoencoder(cfg)
             summary = train_autoencoder(vae, images, masks, cfg, torch.Generator().manual_seed(seed), log)
             log(f"autoencoder: {summary['steps']} steps in {summary['seconds']} s")
-            vae.save_pretrained(cached)
+            if summary["steps"] == cfg.train_steps:  # only a complete training is shared with later runs
+                vae.save_pretrained(cached)
+            else:
+                log(f"autoencoder: stopped by its {cfg.train_minutes}-minute cap before {cfg.train_steps} steps; not cached")
         vae.save_pretrained(run_dir / "vae")
     vae.eval().requires_grad_(False)
     return vae
@@ -227,7 +235,7 @@ def train(
     fold: int | None = None,
     folds: int = 5,
     synthetic=(),
-    log=print,
+    log=log_line,
 ) -> dict:
     """Train a SynDiff segmenter; returns the results dict also written to results.json."""
     run_dir = Path(out)
@@ -330,7 +338,7 @@ def train(
         with accelerator.autocast():
             mask_latent = encode_mask(vae, mask)  # z_0 [B, 4, h, w], frozen E
             image_latent = image_encoder(pixels)  # z_c [B, 4, h, w], trainable E_phi
-            loss, parts = training_loss(unet, scheduler, profile.diffusion, image_latent, mask_latent, generator)
+            loss, parts = training_loss(unet, scheduler, profile.diffusion, image_latent, mask_latent, generator, vae, mask)
         if not torch.isfinite(loss):
             kept = find_checkpoint(run_dir)
             raise TrainingError(

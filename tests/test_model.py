@@ -196,3 +196,17 @@ def test_dual_loss_trains_the_unet():
         assert set(parts) == {"loss_noise", "loss_latent"}
     assert losses[-1] < 0.7 * losses[0]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+def test_decoder_loss_option_adds_a_pixel_term_with_gradients():
+    profile = tiny_profile()
+    cfg = dataclasses.replace(profile.diffusion, decoder_loss_weight=1.0)
+    torch.manual_seed(0)
+    vae = build_autoencoder(TINY_AE).eval().requires_grad_(False)
+    unet = build_unet(profile.unet, 4)
+    masks = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    loss, parts = training_loss(unet, make_scheduler(cfg), cfg, torch.randn(2, 4, 4, 4), encode_mask(vae, masks),
+                                torch.Generator().manual_seed(0), vae, masks)
+    assert "loss_decoder" in parts and parts["loss_decoder"] > 0
+    loss.backward()
+    assert unet.conv_in.weight.grad.abs().sum() > 0
