@@ -79,8 +79,9 @@ def unet_forward(
 ) -> torch.Tensor:
     """One U-Net call on the fused input: f([z_c || z_t], t) -> [B, 4, h, w]."""
     fused = torch.cat([image_latent, noisy_mask_latent], dim=1)  # [B, 8, h, w]: image first, then mask
-    if isinstance(unet, UNet2DConditionModel):
-        cross_dim = unet.config.cross_attention_dim
+    base = getattr(unet, "module", unet)  # under several GPUs accelerate wraps it in DistributedDataParallel
+    if isinstance(base, UNet2DConditionModel):
+        cross_dim = base.config.cross_attention_dim
         null_text = fused.new_zeros(fused.shape[0], 1, cross_dim)  # [B, 1, D]: the fixed "no text" embedding
         return unet(fused, timesteps, encoder_hidden_states=null_text).sample
     return unet(fused, timesteps).sample
