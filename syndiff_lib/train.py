@@ -129,6 +129,8 @@ def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: P
             vae = build_autoencoder(cfg)
             summary = train_autoencoder(vae, images, masks, cfg, torch.Generator().manual_seed(seed), log)
             log(f"autoencoder: {summary['steps']} steps in {summary['seconds']} s")
+            if cfg.unit_std_latents:
+                set_unit_std_scaling(vae, masks, log)
             if summary["steps"] == cfg.train_steps:  # only a complete training is shared with later runs
                 vae.save_pretrained(cached)
             else:
@@ -136,6 +138,18 @@ def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: P
         vae.save_pretrained(run_dir / "vae")
     vae.eval().requires_grad_(False)
     return vae
+
+
+def set_unit_std_scaling(vae: AutoencoderKL, masks: torch.Tensor, log=log_line) -> float:
+    """LDM's rule for a new autoencoder: scaling_factor s = 1 / std(E(X)), so z_0 has unit
+    variance like the noise n it is mixed with in Eq. 1 (SD's 0.18215 was measured on SD's
+    own image latents and would leave our mask latents at std ~0.2)."""
+    vae.register_to_config(scaling_factor=1.0)
+    with torch.no_grad():
+        std = torch.cat([encode_mask(vae, masks[i : i + 32]) for i in range(0, len(masks), 32)]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    log(f"autoencoder: scaling_factor = 1 / {std:.4f} = {1 / std:.4f}")
+    return 1.0 / std
 
 
 # --- checkpoints: safetensors only, written atomically ----------------------------------
