@@ -126,7 +126,7 @@ def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, fol
         if time.time() - start > tcfg.max_minutes * 60:
             stop_reason = "time budget"
             break
-        pixels, target = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment)
+        pixels, target = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment, tcfg.rotate_augment)
         with accelerator.autocast():
             loss = bce_dice_loss(unet(pixels.to(accelerator.device), 0).sample.float(), target.to(accelerator.device))
         accelerator.backward(loss)

@@ -58,6 +58,8 @@ def cmd_train(args) -> int:
     profile.train = dataclasses.replace(profile.train, **{k: v for k, v in train_overrides.items() if v is not None})
     if args.freeze_encoder:
         profile.train.freeze_encoder = True
+    if args.traditional_augment:
+        profile.train.rotate_augment = True
     common = dict(seed=args.seed, fold=args.fold, folds=args.folds, synthetic=args.synthetic or ())
     if args.model == "baseline":
         from .baseline import train_baseline
@@ -196,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--lambda-latent", type=float, default=None, help="lambda of Eq. 6 (0: noise loss only)")
     p.add_argument("--freeze-encoder", action="store_true", help="ablation: keep E_phi frozen at E's weights")
+    p.add_argument("--traditional-augment", action="store_true", help="flips + rotation (the paper's 'traditional' row)")
     p.add_argument("--synthetic", action="append", help="folder of synthetic pairs added to training (repeatable)")
     p.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default=None)
     p.add_argument("--timestep-sampling", choices=["uniform", "fixed"], default=None)

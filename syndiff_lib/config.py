@@ -104,6 +104,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate)
     freeze_encoder: bool = False  # ablation: keep the image encoder at E's weights
     flip_augment: bool = True  # random horizontal/vertical flips
+    rotate_augment: bool = False  # + rotation in [-20, 20] degrees: the paper's "traditional" augmentation (Table 3)
     grad_clip: float = 1.0
 
 

@@ -437,14 +437,15 @@ def traditional_augment(image: np.ndarray, mask: np.ndarray, generator: torch.Ge
 # ----------------------------------------------------------------------------- inputs
 
 
-def training_frames(data, fold: int = 0) -> list[Sample]:
+def training_frames(data, fold: int = 0, split_seed: int = 0) -> list[Sample]:
     """The training frames of a data set: mask sources and default backgrounds (notebook 02).
 
     Split with data.make_split and the data set's default scheme ("pranet" for ClinicDB); only
     the "train" list is kept, so no test (or validation) frame ever shapes a synthetic sample.
+    Use the ``--seed`` of the training run as ``split_seed``: the split depends on it.
     """
     samples = load_dataset(data)
-    split = make_split([s.id for s in samples], default_scheme(data), fold=fold)
+    split = make_split([s.id for s in samples], default_scheme(data), fold=fold, seed=split_seed)
     train = set(split["train"])
     return [s for s in samples if s.id in train]
 
@@ -615,6 +616,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue a killed run: skip finished samples")
     parser.add_argument("--min-consistency", type=float, default=0.0,
                         help="move samples whose consistency score is below this to rejected/ (0: keep all)")
+    parser.add_argument("--split-seed", type=int, default=0, help="the --seed of the training run: the split depends on it")
     parser.add_argument("--fold", type=int, default=0, help="fold of the data set's split (kfold data sets)")
     parser.add_argument("--model-id", default=SDXL_INPAINT_MODEL_ID, help="sdxl: hub id or local folder")
     parser.add_argument("--revision", default=SDXL_INPAINT_REVISION, help="sdxl: commit of --model-id")
@@ -637,7 +639,7 @@ def synth_command(args: argparse.Namespace) -> int:
         raise SynthesisError(f"--n must be a positive number of samples, got {args.n}")
     prompts = load_prompts(args.prompts)
     backgrounds = None if args.backgrounds is None else load_backgrounds(args.backgrounds)
-    frames = training_frames(args.data, fold=args.fold)
+    frames = training_frames(args.data, fold=args.fold, split_seed=args.split_seed)
     state = PartialState(cpu=args.backend == "copy-paste" or args.device == "cpu")  # cpu: CPU processes share too
     if args.backend == "sdxl":
         backend = SDXLInpaintBackend(

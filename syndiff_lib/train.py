@@ -93,11 +93,21 @@ def prepare_data(data, image_size: int, seed: int = 0, fold: int | None = None, 
     return train_samples, val_samples, split
 
 
-def random_batch(images, masks, batch_size: int, generator: torch.Generator, flip: bool):
-    """A random batch with optional random flips (the same flip for image and mask)."""
+def random_batch(images, masks, batch_size: int, generator: torch.Generator, flip: bool, rotate: bool = False):
+    """A random batch with optional random flips, and optionally the paper's "traditional"
+    augmentation (flips + a small rotation, synthesis.traditional_augment), the same for
+    image and mask."""
     idx = torch.randint(len(images), (batch_size,), generator=generator)
     x, y = images[idx], masks[idx]  # [B, 3, S, S], [B, 1, S, S]
-    if flip:
+    if rotate:
+        from .synthesis import traditional_augment
+
+        for i in range(batch_size):
+            image = ((x[i].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # [S, S, 3]
+            image, mask = traditional_augment(image, y[i, 0].bool().numpy(), generator)
+            x[i] = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1
+            y[i, 0] = torch.from_numpy(mask.copy()).float()
+    elif flip:
         for dim in (2, 3):
             do = torch.rand(batch_size, generator=generator) < 0.5
             x[do], y[do] = x[do].flip(dim), y[do].flip(dim)
@@ -347,7 +357,7 @@ def train(
         if elapsed() > budget_s:
             stop_reason = "time budget"
             break
-        pixels, mask = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment)
+        pixels, mask = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment, tcfg.rotate_augment)
         pixels, mask = pixels.to(accelerator.device), mask.to(accelerator.device)
         with accelerator.autocast():
             mask_latent = encode_mask(vae, mask)  # z_0 [B, 4, h, w], frozen E

@@ -210,3 +210,17 @@ def test_decoder_loss_option_adds_a_pixel_term_with_gradients():
     assert "loss_decoder" in parts and parts["loss_decoder"] > 0
     loss.backward()
     assert unet.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_traditional_augmentation_keeps_image_and_mask_aligned():
+    from syndiff_lib.train import random_batch
+
+    images = torch.zeros(1, 3, 32, 32) - 1
+    images[:, 0, 4:12, 20:28] = 1  # a red square ...
+    masks = torch.zeros(1, 1, 32, 32)
+    masks[:, :, 4:12, 20:28] = 1  # ... and its mask
+    for seed in range(5):
+        x, y = random_batch(images, masks, 4, torch.Generator().manual_seed(seed), flip=True, rotate=True)
+        red = x[:, 0] > 0  # [B, 32, 32]
+        agreement = (red == y[:, 0].bool()).float().mean()
+        assert agreement > 0.98 and y.sum() > 0
