@@ -35,7 +35,7 @@ def build_baseline_unet(profile: Profile) -> UNet2DModel:
     (the latent U-Net works on 8x smaller maps, so this one needs the extra downsamplings)."""
     cfg = profile.unet
     widths = (cfg.block_out_channels[0] // 2, *cfg.block_out_channels)  # one more, finer level
-    attention = (False, *cfg.attention_levels)
+    attention = (False,) * (len(widths) - 1) + (True,)  # self-attention only at the coarsest level: cheap
     return UNet2DModel(
         sample_size=profile.train.image_size,
         in_channels=3,
