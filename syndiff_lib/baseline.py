@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from .config import Profile
-from .pipeline import SynDiffOutput, images_to_tensor
+from .pipeline import SynDiffOutput, find_saved_model, images_to_tensor, soft_maps_to_output
 from .train import log_line
 
 BASELINE_CONFIG = "baseline_config.json"
@@ -74,9 +74,7 @@ class BaselinePipeline:
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "BaselinePipeline":
-        path = Path(path)
-        if (path / "pipeline" / BASELINE_CONFIG).exists():
-            path = path / "pipeline"
+        path = find_saved_model(path, BASELINE_CONFIG, kind="baseline")
         profile = Profile.from_dict(json.loads((path / BASELINE_CONFIG).read_text()))
         return cls(UNet2DModel.from_pretrained(path / "unet").to(device), profile)
 
@@ -88,17 +86,9 @@ class BaselinePipeline:
         size = self.profile.train.image_size
         soft = []
         for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pixels = images_to_tensor(chunk, size).to(self.device)
-            probs = self.unet(pixels, 0).sample.sigmoid().float().cpu()  # [b, 1, S, S]
-            for image, p in zip(chunk, probs):
-                if output_size == "input" and tuple(np.asarray(image).shape[:2]) != (size, size):
-                    p = F.interpolate(p[None], size=np.asarray(image).shape[:2], mode="bilinear", align_corners=False)[0]
-                soft.append(p[0].numpy())
-        if len({s.shape for s in soft}) == 1:
-            soft = np.stack(soft)
-            return SynDiffOutput(masks=soft > threshold, soft_masks=soft)
-        return SynDiffOutput(masks=[s > threshold for s in soft], soft_masks=soft)
+            pixels = images_to_tensor(images[start : start + batch_size], size).to(self.device)
+            soft.append(self.unet(pixels, 0).sample.sigmoid().float().cpu())  # [b, 1, S, S]
+        return soft_maps_to_output(images, torch.cat(soft), output_size, threshold)
 
 
 def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, folds: int = 5, synthetic=(), log=log_line) -> dict:

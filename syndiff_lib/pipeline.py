@@ -56,6 +56,33 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
     return torch.cat(tensors)  # [B, 3, size, size]
 
 
+def find_saved_model(path, config_name: str, kind: str = "SynDiff pipeline") -> Path:
+    """The folder holding ``config_name``: ``path`` itself or a run folder's ``pipeline/``."""
+    path = Path(path)
+    if (path / "pipeline" / config_name).exists():
+        path = path / "pipeline"
+    if not (path / config_name).exists():
+        raise FileNotFoundError(f"{path} holds no trained {kind} ({config_name} is missing)")
+    return path
+
+
+def soft_maps_to_output(images, soft: torch.Tensor, output_size: str, threshold: float) -> SynDiffOutput:
+    """[B, 1, S, S] soft maps -> SynDiffOutput, resized back to each input image's size if asked.
+
+    Arrays are stacked when all maps share one size, else returned as lists.
+    """
+    maps = []
+    for image, s in zip(images, soft):
+        shape = tuple(np.asarray(image).shape[:2])
+        if output_size == "input" and shape != tuple(s.shape[-2:]):
+            s = F.interpolate(s[None], size=shape, mode="bilinear", align_corners=False)[0]
+        maps.append(s[0].numpy())
+    if len({m.shape for m in maps}) == 1:
+        stacked = np.stack(maps)
+        return SynDiffOutput(masks=stacked > threshold, soft_masks=stacked)
+    return SynDiffOutput(masks=[m > threshold for m in maps], soft_masks=maps)
+
+
 class SynDiffPipeline:
     """The trained segmenter: frozen VAE (E, D), trainable image encoder E_phi, U-Net, schedule."""
 
@@ -101,11 +128,7 @@ class SynDiffPipeline:
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "SynDiffPipeline":
-        path = Path(path)
-        if (path / "pipeline" / CONFIG_NAME).exists():
-            path = path / "pipeline"
-        if not (path / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{path} holds no trained SynDiff pipeline ({CONFIG_NAME} is missing)")
+        path = find_saved_model(path, CONFIG_NAME)
         profile = Profile.from_dict(json.loads((path / CONFIG_NAME).read_text()))
         unet_class = UNet2DConditionModel if profile.unet.conditional else UNet2DModel
         pipe = cls(
@@ -167,15 +190,8 @@ class SynDiffPipeline:
             pixels = images_to_tensor(chunk, size)  # [b, 3, S, S]
             image_latent = self.encode_images(pixels)  # [b, 4, S/8, S/8]
             mask_latent = self.denoise(image_latent, num_inference_steps, t_infer, generator)
-            soft = self.decode(mask_latent).float().cpu()  # [b, 1, S, S]
-            for image, s in zip(chunk, soft):
-                if output_size == "input" and tuple(np.asarray(image).shape[:2]) != (size, size):
-                    s = F.interpolate(s[None], size=np.asarray(image).shape[:2], mode="bilinear", align_corners=False)[0]
-                soft_maps.append(s[0].numpy())
-        soft_masks = np.stack(soft_maps) if output_size == "model" or len({m.shape for m in soft_maps}) == 1 else soft_maps
-        if isinstance(soft_masks, list):
-            return SynDiffOutput(masks=[m > threshold for m in soft_masks], soft_masks=soft_masks)
-        return SynDiffOutput(masks=soft_masks > threshold, soft_masks=soft_masks)
+            soft_maps.append(self.decode(mask_latent).float().cpu())  # [b, 1, S, S]
+        return soft_maps_to_output(images, torch.cat(soft_maps), output_size, threshold)
 
 
 def evaluate(
