@@ -162,8 +162,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data = args.data or os.environ.get("SYNDIFF_DATA") or None
     parameters = {"profile": args.profile, "seed": args.seed, "device": args.device}
-    if args.data:
-        parameters["data"] = args.data
+    if data not in (None, "", "toy"):
+        # The kernels run in OUT/notebooks/: a relative folder is rewritten relative to it
+        # (not made absolute, so no path of this machine lands in the saved notebooks).
+        if not Path(data).is_dir():
+            print(f"error: the data folder {data} does not exist", file=sys.stderr)
+            return 2
+        parameters["data"] = data if Path(data).is_absolute() else os.path.relpath(Path(data).resolve(), out / "notebooks")
     if args.artifacts:
         parameters["artifacts"] = str(Path(args.artifacts).resolve())
     extra = dict(parse_param(p) for p in args.param)

@@ -143,6 +143,13 @@ def random_autoencoder_batch(
         k = int(torch.randint(n, (1,), generator=generator))
         top = int(torch.randint(height - crop + 1, (1,), generator=generator))
         left = int(torch.randint(width - crop + 1, (1,), generator=generator))
+        if cfg.polyp_crops and masks[k].any():
+            # A crop that holds a random polyp pixel: most of a frame is background, and a
+            # crop of plain background teaches the autoencoder nothing about polyp outlines.
+            ys, xs = torch.nonzero(masks[k, 0], as_tuple=True)
+            j = int(torch.randint(len(ys), (1,), generator=generator))
+            top = min(max(int(ys[j]) - int(torch.randint(crop, (1,), generator=generator)), 0), height - crop)
+            left = min(max(int(xs[j]) - int(torch.randint(crop, (1,), generator=generator)), 0), width - crop)
         if i < n_masks:
             x = mask_to_vae_input(masks[k : k + 1])[0]
         else:

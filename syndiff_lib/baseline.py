@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import UNet2DModel
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import data as data_lib
@@ -93,7 +92,7 @@ class BaselinePipeline:
 
 def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, folds: int = 5, synthetic=(), log=log_line) -> dict:
     """Train the baseline under the profile's step and wall-clock budget; best-on-validation is kept."""
-    from .train import hardware_info, prepare_data, random_batch, samples_to_tensors, validation_dice
+    from .train import budget_cosine_schedule, hardware_info, prepare_data, random_batch, samples_to_tensors, validation_dice
 
     run_dir, tcfg = Path(out), profile.train
     accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
@@ -104,10 +103,12 @@ def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, fol
     torch.manual_seed(seed)
     unet = build_baseline_unet(profile)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=tcfg.lr_warmup_steps, num_training_steps=tcfg.max_steps)
+    start = time.time()
+    lr_scheduler = budget_cosine_schedule(optimizer, tcfg.lr_warmup_steps, tcfg.max_steps, tcfg.max_minutes * 60,
+                                          lambda: time.time() - start)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     generator = torch.Generator().manual_seed(seed)
-    best, best_step, step, start = -1.0, None, 0, time.time()
+    best, best_step, step = -1.0, None, 0
     log_file = run_dir / "log.jsonl"
     log(f"baseline: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters; {len(train_samples)} train, {len(val_samples)} val")
     bar = tqdm(total=tcfg.max_steps, desc="baseline")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -34,7 +35,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -116,7 +116,8 @@ def random_batch(images, masks, batch_size: int, generator: torch.Generator, fli
 
 # --- the frozen autoencoder --------------------------------------------------------------
 def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int) -> str:
-    blob = json.dumps([profile.autoencoder.__dict__, profile.train.image_size, sorted(train_ids), str(data), seed], default=str)
+    where = str(data) if str(data) == "toy" else str(Path(data).resolve())  # one key whatever the working folder
+    blob = json.dumps([profile.autoencoder.__dict__, profile.train.image_size, sorted(train_ids), where, seed], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -160,6 +161,23 @@ def set_unit_std_scaling(vae: AutoencoderKL, masks: torch.Tensor, log=log_line) 
     vae.register_to_config(scaling_factor=1.0 / std)
     log(f"autoencoder: scaling_factor = 1 / {std:.4f} = {1 / std:.4f}")
     return 1.0 / std
+
+
+# --- the learning rate -------------------------------------------------------------------
+def budget_cosine_schedule(optimizer, warmup_steps: int, max_steps: int, budget_s: float, elapsed):
+    """Linear warm-up, then a cosine decay to 0 over whichever budget ends first.
+
+    progress = max(step / max_steps, elapsed() / budget_s): on a fast machine the step budget
+    ends the run and this is the usual cosine schedule; on a slow one the wall-clock budget
+    does, and the learning rate still reaches 0 at its end instead of stopping half-way down.
+    """
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, max(step / max_steps, elapsed() / budget_s if budget_s > 0 else 0.0))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # --- checkpoints: safetensors only, written atomically ----------------------------------
@@ -293,7 +311,12 @@ def train(
     scheduler = make_scheduler(profile.diffusion)
     trainable = list(unet.parameters()) + ([] if tcfg.freeze_encoder else list(image_encoder.parameters()))
     optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=tcfg.lr_warmup_steps, num_training_steps=tcfg.max_steps)
+    clock = {"start": time.time(), "before": 0.0}  # training seconds, across resumes
+
+    def elapsed():
+        return clock["before"] + time.time() - clock["start"]
+
+    lr_scheduler = budget_cosine_schedule(optimizer, tcfg.lr_warmup_steps, tcfg.max_steps, tcfg.max_minutes * 60, elapsed)
     unet, image_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, image_encoder, optimizer, lr_scheduler)
     models = {"unet": unet, "image_encoder": image_encoder}
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
@@ -339,10 +362,7 @@ def train(
             with open(log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    session_start, elapsed_before = time.time(), state["elapsed_s"]
-
-    def elapsed():
-        return elapsed_before + time.time() - session_start
+    clock["start"], clock["before"] = time.time(), state["elapsed_s"]
 
     # 4. The loop.
     budget_s = tcfg.max_minutes * 60

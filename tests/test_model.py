@@ -224,3 +224,43 @@ def test_traditional_augmentation_keeps_image_and_mask_aligned():
         red = x[:, 0] > 0  # [B, 32, 32]
         agreement = (red == y[:, 0].bool()).float().mean()
         assert agreement > 0.98 and y.sum() > 0
+
+
+def test_learning_rate_reaches_zero_at_whichever_budget_ends_first():
+    from syndiff_lib.train import budget_cosine_schedule
+
+    clock = {"s": 0.0}
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = budget_cosine_schedule(optimizer, warmup_steps=2, max_steps=100, budget_s=60.0, elapsed=lambda: clock["s"])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # warm-up: step 0 of 2
+    lrs = []
+    for step in range(1, 11):
+        clock["s"] = 6.0 * step  # slow machine: 10 steps fill the 60 s budget
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[4] == pytest.approx(0.5, abs=1e-6)  # half the time gone: half-way down the cosine
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    clock["s"] = 0.0  # fast machine: the step budget rules
+    schedule2 = budget_cosine_schedule(optimizer, 0, 10, 60.0, lambda: 0.0)
+    for _ in range(5):
+        optimizer.step()
+        schedule2.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_autoencoder_crops_hold_the_polyp():
+    from syndiff_lib.autoencoder import random_autoencoder_batch
+    from syndiff_lib.config import AutoencoderConfig
+
+    masks = torch.zeros(5, 1, 128, 128)
+    masks[:, :, 100:110, 5:15] = 1  # a small polyp in a corner: random 32-px crops mostly miss it
+    images = torch.zeros(5, 3, 128, 128)
+    cfg = AutoencoderConfig(batch_size=64, crop_size=32, mask_fraction=1.0, polyp_crops=True)
+    batch = random_autoencoder_batch(images, masks, cfg, torch.Generator().manual_seed(0))
+    assert batch.shape == (64, 3, 32, 32)
+    assert ((batch > 0).flatten(1).any(1)).all()  # every mask crop shows some polyp
+    cfg.polyp_crops = False
+    batch = random_autoencoder_batch(images, masks, cfg, torch.Generator().manual_seed(0))
+    assert ((batch > 0).flatten(1).any(1)).float().mean() < 0.5
