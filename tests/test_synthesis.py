@@ -1,7 +1,7 @@
 """Tests for syndiff_lib.synthesis: prompt bank, placement, both backends, the run loop, the CLI verb.
 
 Everything runs offline on the CPU: the SDXL path uses a tiny pipeline built from configs
-(tests/tiny_sdxl.py). The ClinicDB test runs only where the `clinicdb` fixture finds the data.
+(syndiff_lib/tiny_sdxl.py). The ClinicDB test runs only where the `clinicdb` fixture finds the data.
 """
 
 import argparse
@@ -21,7 +21,7 @@ from syndiff_lib.synthesis import (
     CopyPasteBackend, SDXLInpaintBackend, SynthesisError, consistency_score, field_of_view,
     forbidden_region, load_prompts, mask_shape, sample_placement, synthesize, traditional_augment, write_manifest,
 )
-from tiny_sdxl import tiny_sdxl_inpaint_pipeline
+from syndiff_lib.tiny_sdxl import tiny_sdxl_inpaint_pipeline
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,7 @@
-"""A tiny StableDiffusionXLInpaintPipeline built from configs, for tests: no download, ~1 s on a CPU.
+"""A tiny StableDiffusionXLInpaintPipeline built from configs: no download, ~1 s on a CPU.
+
+For tests, and for notebook 02, which runs the SDXL code path with it where the real weights
+cannot be downloaded (offline, or a CPU-only laptop). Random weights: it paints noise.
 
 The components follow diffusers' own fast tests (tests/pipelines/stable_diffusion_xl/
 test_stable_diffusion_xl_inpaint.py): a two-level UNet2DConditionModel with SDXL's "text_time"
