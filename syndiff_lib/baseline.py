@@ -1,6 +1,6 @@
 """The equal-budget yardstick: a plain pixel-space U-Net that predicts the mask directly.
 
-Taught in notebook 06 (ablations). Same data, same split, same augmentation, same wall-clock
+Taught in notebooks 04 and 05. Same data, same split, same augmentation, same wall-clock
 budget as the SynDiff run it is compared with; no autoencoder, no diffusion. Loss: binary
 cross-entropy + soft Dice on the logits, the usual recipe for polyp segmentation.
 
