@@ -10,6 +10,7 @@ cross-entropy + soft Dice on the logits, the usual recipe for polyp segmentation
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -111,7 +112,9 @@ def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, fol
     best, best_step, step = -1.0, None, 0
     log_file = run_dir / "log.jsonl"
     log(f"baseline: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters; {len(train_samples)} train, {len(val_samples)} val")
-    bar = tqdm(total=tcfg.max_steps, desc="baseline")
+    # TQDM_DISABLE=1 silences the bar (in a notebook it would be a widget); otherwise only on a terminal.
+    quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    bar = tqdm(total=tcfg.max_steps, desc="baseline", disable=quiet or None)
     stop_reason = "max_steps"
     while step < tcfg.max_steps:
         if time.time() - start > tcfg.max_minutes * 60:
