@@ -88,8 +88,27 @@ def stamp(path: Path, params: dict, machine: str) -> float:
     nb.metadata.pop("widgets", None)
     nb.cells = [c for c in nb.cells if RUN_INFO_TAG not in c.get("metadata", {}).get("tags", [])]
     nb.cells.insert(1, run_info_cell(nb, params, machine))
+    scrub_paths(nb, path.parent.parent)
     nbformat.write(nb, path)
     return float(nb.metadata.get("papermill", {}).get("duration") or 0.0)
+
+
+def scrub_paths(nb, book: Path) -> None:
+    """Write the book folder as "." and the home folder as "~" in papermill's metadata and in
+    text outputs: saved notebooks are published, and the paths of this machine are nobody's business."""
+    def scrub(text: str) -> str:
+        return text.replace(str(book.resolve()) + "/", "./").replace(str(Path.home()), "~")
+
+    meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if isinstance(meta.get(key), str):
+            meta[key] = scrub(meta[key])
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                output["text"] = scrub(output["text"])
+            if "text/plain" in output.get("data", {}):
+                output["data"]["text/plain"] = scrub(output["data"]["text/plain"])
 
 
 def copy_book_sources(out: Path) -> None:

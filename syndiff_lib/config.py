@@ -19,8 +19,9 @@ And two recipes for the diffusion part (see :data:`RECIPES`):
   0.130 for the paper recipe -> 0.748), mask latents at unit variance, and lr 5e-4 with a
   cosine decay over the time budget (cpu profile). An extra loss on the decoded mask
   D(z~_0) (``decoder_loss_weight``, E2E-FT style) is available but off: at equal wall-clock
-  time its ~3x dearer steps lost on validation (tiny: 0.694 vs 0.748; cpu: 0.687 vs the
-  default's result in the closing note).
+  time its ~2x dearer steps lost on validation (tiny: 0.694 vs 0.748; cpu: 0.687 vs 0.712),
+  though at cpu scale the test split disagreed (0.541 with it vs 0.336 without): the 61-frame
+  validation split is a noisy judge, see book/single-step.md.
 """
 
 from __future__ import annotations
