@@ -10,7 +10,6 @@ cross-entropy + soft Dice on the logits, the usual recipe for polyp segmentation
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import UNet2DModel
-from tqdm.auto import tqdm
 
 from . import data as data_lib
 from .config import Profile
@@ -93,7 +91,9 @@ class BaselinePipeline:
 
 def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, folds: int = 5, synthetic=(), log=log_line) -> dict:
     """Train the baseline under the profile's step and wall-clock budget; best-on-validation is kept."""
-    from .train import budget_cosine_schedule, hardware_info, prepare_data, random_batch, samples_to_tensors, validation_dice
+    from .train import (
+        budget_cosine_schedule, hardware_info, prepare_data, progress_bar, random_batch, samples_to_tensors, validation_dice,
+    )
 
     run_dir, tcfg = Path(out), profile.train
     accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
@@ -112,9 +112,7 @@ def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, fol
     best, best_step, step = -1.0, None, 0
     log_file = run_dir / "log.jsonl"
     log(f"baseline: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters; {len(train_samples)} train, {len(val_samples)} val")
-    # TQDM_DISABLE=1 silences the bar (in a notebook it would be a widget); otherwise only on a terminal.
-    quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")
-    bar = tqdm(total=tcfg.max_steps, desc="baseline", disable=quiet or None)
+    bar = progress_bar(tcfg.max_steps, "baseline")
     stop_reason = "max_steps"
     while step < tcfg.max_steps:
         if time.time() - start > tcfg.max_minutes * 60:

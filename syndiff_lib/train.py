@@ -163,6 +163,14 @@ def set_unit_std_scaling(vae: AutoencoderKL, masks: torch.Tensor, log=log_line) 
     return 1.0 / std
 
 
+def progress_bar(total: int, desc: str, initial: int = 0, show: bool = True) -> tqdm:
+    """A tqdm bar only where it helps: on the main process and on a terminal (disable=None).
+    TQDM_DISABLE=1 silences it everywhere (an explicit disable=None would override that
+    variable, and in a notebook the bar is a widget the saved page cannot show)."""
+    quiet = not show or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    return tqdm(total=total, initial=initial, desc=desc, disable=quiet or None)
+
+
 # --- the learning rate -------------------------------------------------------------------
 def budget_cosine_schedule(optimizer, warmup_steps: int, max_steps: int, budget_s: float, elapsed):
     """Linear warm-up, then a cosine decay to 0 over whichever budget ends first.
@@ -368,10 +376,7 @@ def train(
     budget_s = tcfg.max_minutes * 60
     unet.train()
     image_encoder.train(not tcfg.freeze_encoder)
-    # A bar on the main process only, and only on a terminal (None); TQDM_DISABLE=1 silences it
-    # everywhere (an explicit disable=None overrides that variable, and in a notebook it draws a widget).
-    quiet = not is_main or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
-    bar = tqdm(total=tcfg.max_steps, initial=state["step"], desc="train", disable=quiet or None)
+    bar = progress_bar(tcfg.max_steps, "train", initial=state["step"], show=is_main)
     stop_reason = "max_steps"
     while state["step"] < tcfg.max_steps:
         if elapsed() > budget_s:
