@@ -171,6 +171,52 @@ def mask_round_trip_dice(vae: AutoencoderKL, masks: torch.Tensor, batch_size: in
     return torch.cat(dices)
 
 
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice per image [B, 1, H, W], averaged: every image weighs the same."""
+    inter = (prob * target).sum((1, 2, 3))
+    return (1 - (2 * inter + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)).mean()
+
+
+def finetune_mask_decoder(
+    vae: AutoencoderKL, masks: torch.Tensor, cfg: AutoencoderConfig, generator: torch.Generator, log=print
+) -> dict:
+    """Fine-tune the decoder D alone on whole training masks: L1 + soft Dice of D(E(X)) vs X.
+
+    The reconstruction L1 of :func:`train_autoencoder` counts pixels, so a polyp of 1 % of
+    the frame hardly matters to it, and small polyps are what the round trip loses. Soft Dice
+    counts images. E is left as it is, so every mask latent z_0 (the segmenter's target)
+    stays the same; only the way latents are turned back into masks improves.
+    masks [N, 1, H, W] in {0, 1}, random flips; ``cfg.mask_decoder_steps`` steps of
+    ``cfg.batch_size`` masks, AdamW at ``cfg.mask_decoder_lr`` with a cosine decay.
+    """
+    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.requires_grad_(False)
+    for p in decoder:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    optimizer = torch.optim.AdamW(decoder, lr=cfg.mask_decoder_lr)
+    start, loss_ema = time.time(), None
+    for step in range(cfg.mask_decoder_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.mask_decoder_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.mask_decoder_steps))
+        x = masks[torch.randint(len(masks), (cfg.batch_size,), generator=generator)].float()  # [B, 1, H, W]
+        for dim in (2, 3):
+            if torch.rand(1, generator=generator) < 0.5:
+                x = x.flip(dim)
+        latent = encode_mask(vae, x)  # no gradient into E
+        recon = vae.decode(latent / vae.config.scaling_factor).sample.mean(1, keepdim=True)  # [B, 1, H, W] ~ [-1, 1]
+        loss = F.l1_loss(recon, x * 2 - 1) + soft_dice_loss(((recon + 1) / 2).clamp(0, 1), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        if (step + 1) % 100 == 0:
+            log(f"mask decoder step {step + 1}: loss {loss_ema:.4f}")
+    vae.eval()
+    vae.requires_grad_(False)
+    return {"steps": cfg.mask_decoder_steps, "seconds": round(time.time() - start, 1), "loss": loss_ema}
+
+
 def train_autoencoder(
     vae: AutoencoderKL,
     images: torch.Tensor,

@@ -50,6 +50,7 @@ def cmd_train(args) -> int:
         "lambda_latent": args.lambda_latent, "t_infer": args.t_infer,
         "prediction_type": args.prediction_type, "timestep_sampling": args.timestep_sampling,
         "decoder_loss_weight": args.decoder_loss_weight, "rescale_zero_terminal_snr": args.zero_snr,
+        "decoder_loss_fraction": args.decoder_loss_fraction, "latent_loss": args.latent_loss,
     }
     profile.diffusion = dataclasses.replace(profile.diffusion, **{k: v for k, v in overrides.items() if v is not None})
     train_overrides = {"max_steps": args.max_steps, "max_minutes": args.max_minutes, "lr": args.lr,
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timestep-sampling", choices=["uniform", "fixed"], default=None)
     p.add_argument("--t-infer", type=int, default=None)
     p.add_argument("--decoder-loss-weight", type=float, default=None, help="beyond the paper: loss on the decoded mask")
+    p.add_argument("--decoder-loss-fraction", type=float, default=None, help="share of each batch the decoder loss sees")
+    p.add_argument("--latent-loss", choices=["l1", "balanced_l1"], default=None,
+                   help="balanced_l1: polyp and background latent cells weigh half each (beyond the paper)")
     p.add_argument("--zero-snr", action="store_const", const=True, default=None, help="zero-terminal-SNR schedule")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None)
@@ -217,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("evaluate", help="Dice, IoU, HD95, NSD on a split")
     p.add_argument("--checkpoint", required=True, help="run folder (or its pipeline/ subfolder)")
     _add_data(p)
-    p.add_argument("--split", default="test", choices=["test", "val", "all"])
+    p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                   help="train: the run's own training frames (to tell under- from overfitting)")
     p.add_argument("--steps", type=int, default=1, help="1 = single step; > 1 = DDIM steps")
     p.add_argument("--t-infer", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the inference noise")

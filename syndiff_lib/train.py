@@ -39,7 +39,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from .autoencoder import ImageEncoder, build_autoencoder, encode_mask, mask_round_trip_dice, train_autoencoder
+from .autoencoder import (
+    ImageEncoder, build_autoencoder, encode_mask, finetune_mask_decoder, mask_round_trip_dice, train_autoencoder,
+)
 from .config import Profile
 from .diffusion import make_scheduler, training_loss
 from .metrics import dice_score
@@ -115,37 +117,64 @@ def random_batch(images, masks, batch_size: int, generator: torch.Generator, fli
 
 
 # --- the frozen autoencoder --------------------------------------------------------------
-def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int) -> str:
+MASK_DECODER_FIELDS = ("mask_decoder_steps", "mask_decoder_lr")  # the second stage: keyed on its own
+
+
+def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int, stage: str = "autoencoder") -> str:
+    """The cache key of the trained (E, D) ("autoencoder") or of it after the mask-decoder
+    fine-tune ("mask_decoder"); the first stage's key ignores the second stage's settings,
+    so changing those reuses the cached first stage."""
+    cfg = dict(profile.autoencoder.__dict__)
+    if stage == "autoencoder":
+        cfg = {k: v for k, v in cfg.items() if k not in MASK_DECODER_FIELDS}
     where = str(data) if str(data) == "toy" else str(Path(data).resolve())  # one key whatever the working folder
-    blob = json.dumps([profile.autoencoder.__dict__, profile.train.image_size, sorted(train_ids), where, seed], default=str)
+    blob = json.dumps([cfg, profile.train.image_size, sorted(train_ids), where, seed], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: Path, seed: int, log=log_line) -> AutoencoderKL:
-    """The frozen (E, D): from the run folder, the cache, the hub (``full``), or trained now."""
+    """The frozen (E, D): from the run folder, the cache, the hub (``full``), or trained now.
+
+    Trained here in two cached stages: (E, D) on crops of images and masks
+    (:func:`train_autoencoder`), then, if ``mask_decoder_steps`` > 0, D alone on whole masks
+    (:func:`finetune_mask_decoder`).
+    """
     cfg = profile.autoencoder
     if (run_dir / "vae" / "config.json").exists():
         vae = AutoencoderKL.from_pretrained(run_dir / "vae")
     elif cfg.pretrained is not None:
         vae = build_autoencoder(cfg)
     else:
-        cache = Path(os.environ.get("SYNDIFF_CACHE", Path.home() / ".cache" / "syndiff"))
-        cached = cache / "autoencoders" / autoencoder_cache_key(profile, train_ids, data, seed)
-        if (cached / "config.json").exists():
-            log(f"autoencoder: using the cached one in {cached}")
-            vae = AutoencoderKL.from_pretrained(cached)
+        cache = Path(os.environ.get("SYNDIFF_CACHE", Path.home() / ".cache" / "syndiff")) / "autoencoders"
+        first = cache / autoencoder_cache_key(profile, train_ids, data, seed)
+        second = cache / autoencoder_cache_key(profile, train_ids, data, seed, stage="mask_decoder")
+        if cfg.mask_decoder_steps > 0 and (second / "config.json").exists():
+            log(f"autoencoder: using the cached one (with its fine-tuned mask decoder) in {second}")
+            vae = AutoencoderKL.from_pretrained(second)
         else:
-            log(f"autoencoder: training it on {len(images)} training images and masks (no pretrained weights offline)")
-            torch.manual_seed(seed)  # the initial weights
-            vae = build_autoencoder(cfg)
-            summary = train_autoencoder(vae, images, masks, cfg, torch.Generator().manual_seed(seed), log)
-            log(f"autoencoder: {summary['steps']} steps in {summary['seconds']} s")
-            if cfg.unit_std_latents:
-                set_unit_std_scaling(vae, masks, log)
-            if summary["steps"] == cfg.train_steps:  # only a complete training is shared with later runs
-                vae.save_pretrained(cached)
+            complete = True
+            if (first / "config.json").exists():
+                log(f"autoencoder: using the cached one in {first}")
+                vae = AutoencoderKL.from_pretrained(first)
             else:
-                log(f"autoencoder: stopped by its {cfg.train_minutes}-minute cap before {cfg.train_steps} steps; not cached")
+                log(f"autoencoder: training it on {len(images)} training images and masks (no pretrained weights offline)")
+                torch.manual_seed(seed)  # the initial weights
+                vae = build_autoencoder(cfg)
+                summary = train_autoencoder(vae, images, masks, cfg, torch.Generator().manual_seed(seed), log)
+                log(f"autoencoder: {summary['steps']} steps in {summary['seconds']} s")
+                if cfg.unit_std_latents:
+                    set_unit_std_scaling(vae, masks, log)
+                complete = summary["steps"] == cfg.train_steps
+                if complete:  # only a complete training is shared with later runs
+                    vae.save_pretrained(first)
+                else:
+                    log(f"autoencoder: stopped by its {cfg.train_minutes}-minute cap before {cfg.train_steps} steps; not cached")
+            if cfg.mask_decoder_steps > 0:
+                log(f"autoencoder: fine-tuning D on whole training masks for {cfg.mask_decoder_steps} steps (L1 + soft Dice)")
+                summary = finetune_mask_decoder(vae, masks, cfg, torch.Generator().manual_seed(seed), log)
+                log(f"autoencoder: mask decoder {summary['steps']} steps in {summary['seconds']} s")
+                if complete:
+                    vae.save_pretrained(second)
         vae.save_pretrained(run_dir / "vae")
     vae.eval().requires_grad_(False)
     return vae
@@ -252,6 +281,30 @@ def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generator
 
 
 # --- validation ---------------------------------------------------------------------------
+def finished_run(run_dir, split: dict, config: dict | None = None) -> dict | None:
+    """The results of a finished run in ``run_dir`` that may stand in for training again, or
+    None if there is none. Raises ValueError if the run is of another split (or, given
+    ``config``, another configuration): reusing it would silently score the wrong model.
+    Notebook 04 uses it to show a run the command line made."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").exists():
+        return None
+    results = json.loads((run_dir / "results.json").read_text())
+    theirs = data_lib.load_split(run_dir / "split.json")
+    if any(theirs[k] != split[k] for k in ("train", "val", "test")):
+        raise ValueError(f"{run_dir} holds a run on another data split; move it away or train again")
+    config = None if config is None else json.loads(json.dumps(config))  # tuples -> lists, as results.json has them
+    if config is not None and results["config"] != config:
+        changed = sorted(f"{part}.{k}" for part in config for k in config[part] if isinstance(config[part], dict)
+                         and results["config"].get(part, {}).get(k) != config[part][k])
+        raise ValueError(f"{run_dir} holds a run of another configuration (differs in {', '.join(changed) or 'its name'}); "
+                         "move it away or train again")
+    return results
+
+
+TRAIN_FIT_FRAMES = 64  # training frames scored at each validation (the fit diagnostic)
+
+
 def validation_dice(pipe: SynDiffPipeline, samples, seed: int = 0) -> float:
     """Mean single-step Dice on the validation samples (fixed noise seed)."""
     out = pipe([s.image for s in samples], generator=torch.Generator().manual_seed(seed), output_size="model")
@@ -345,13 +398,18 @@ def train(
             state["elapsed_s"] = elapsed()
             save_checkpoint(run_dir, {k: accelerator.unwrap_model(m) for k, m in models.items()}, optimizer, lr_scheduler, generator, state)
 
+    # A fixed sample of training frames, scored beside validation: not for model selection,
+    # but to tell underfitting (both low) from overfitting (train high, validation low).
+    fit_samples = [train_samples[i] for i in np.random.default_rng(seed).permutation(len(train_samples))[:TRAIN_FIT_FRAMES]]
+
     def validate():
         pipe = make_pipeline()
         dice = validation_dice(pipe, val_samples, seed) if val_samples else float("nan")
+        train_dice = validation_dice(pipe, fit_samples, seed)
         for model in models.values():
             model.train()
         image_encoder.train(not tcfg.freeze_encoder)
-        record = {"step": state["step"], "val_dice": dice, "elapsed_s": round(elapsed(), 1)}
+        record = {"step": state["step"], "val_dice": dice, "train_dice": train_dice, "elapsed_s": round(elapsed(), 1)}
         if is_main and dice > state["best_val_dice"]:
             state["best_val_dice"], state["best_step"] = dice, state["step"]
             tmp = run_dir / "pipeline.tmp"
@@ -361,7 +419,7 @@ def train(
             tmp.rename(run_dir / "pipeline")
             record["best"] = True
         write_log(record)
-        log(f"step {state['step']}: validation Dice {dice:.3f} (best {state['best_val_dice']:.3f} at step {state['best_step']})")
+        log(f"step {state['step']}: validation Dice {dice:.3f}, training-frame Dice {train_dice:.3f} (best {state['best_val_dice']:.3f} at step {state['best_step']})")
 
     log_file = run_dir / "log.jsonl"
 

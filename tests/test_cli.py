@@ -93,6 +93,27 @@ def test_train_writes_a_complete_run_folder(toy_run):
     assert not list(toy_run.rglob("*.bin")) and not list(toy_run.rglob("*.pt"))
     records = [json.loads(line) for line in (toy_run / "log.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in records) and any("val_dice" in r for r in records)
+    assert all(0 <= r["train_dice"] <= 1 for r in records if "val_dice" in r)  # the fit diagnostic beside validation
+
+
+def test_a_finished_run_is_reused_only_for_its_own_split_and_config(toy_run):
+    results = json.loads((toy_run / "results.json").read_text())
+    split = json.loads((toy_run / "split.json").read_text())
+    assert train_module.finished_run(toy_run, split, results["config"])["steps"] == results["steps"]
+    assert train_module.finished_run(toy_run.parent / "nothing-here", split) is None
+    other_split = {**split, "val": split["val"][1:]}
+    with pytest.raises(ValueError, match="another data split"):
+        train_module.finished_run(toy_run, other_split)
+    other = get_profile("tiny").to_dict()
+    other["train"]["lr"] = 1.0
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        train_module.finished_run(toy_run, split, other)
+
+
+def test_evaluate_scores_the_runs_own_training_frames(toy_run, toy_dir):
+    result = syndiff("evaluate", "--checkpoint", toy_run, "--data", toy_dir, "--split", "train", "--json")
+    assert result.returncode == 0, result.stderr
+    assert last_json(result.stdout)["n"] == len(json.loads((toy_run / "split.json").read_text())["train"])
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_dir, toy_run):

@@ -264,3 +264,84 @@ def test_autoencoder_crops_hold_the_polyp():
     cfg.polyp_crops = False
     batch = random_autoencoder_batch(images, masks, cfg, torch.Generator().manual_seed(0))
     assert ((batch > 0).flatten(1).any(1)).float().mean() < 0.5
+
+
+def test_balanced_latent_loss_weighs_a_small_polyp_as_much_as_the_background():
+    from syndiff_lib.diffusion import balanced_l1
+
+    target = torch.zeros(1, 4, 4, 4)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[:, :, 0:3, 0:3] = 1  # a small polyp: one latent cell of 16
+    wrong_polyp = target.clone()
+    wrong_polyp[:, :, 0, 0] = 1.0  # error only in the polyp's cell
+    assert torch.nn.functional.l1_loss(wrong_polyp, target) == pytest.approx(1 / 16)
+    assert balanced_l1(wrong_polyp, target, mask) == pytest.approx(0.5)  # half the weight, whatever the size
+    assert balanced_l1(wrong_polyp, target, torch.zeros_like(mask)) == pytest.approx(1 / 16)  # no polyp: plain L1
+    profile = tiny_profile()
+    cfg = dataclasses.replace(profile.diffusion, latent_loss="balanced_l1")
+    unet = build_unet(profile.unet, 4)
+    loss, parts = training_loss(unet, make_scheduler(cfg), cfg, torch.randn(1, 4, 4, 4), target,
+                                torch.Generator().manual_seed(0), None, mask)
+    assert torch.isfinite(loss) and parts["loss_latent"] > 0
+    with pytest.raises(ValueError, match="latent_loss"):
+        training_loss(unet, make_scheduler(cfg), dataclasses.replace(cfg, latent_loss="l2"), torch.randn(1, 4, 4, 4),
+                      target, torch.Generator().manual_seed(0), None, mask)
+
+
+def test_decoder_loss_fraction_decodes_only_part_of_the_batch(monkeypatch):
+    import syndiff_lib.diffusion as diffusion
+
+    seen = []
+    monkeypatch.setattr(diffusion, "decoder_loss", lambda vae, z, mask: seen.append(len(z)) or z.sum() * 0)
+    profile = tiny_profile()
+    cfg = dataclasses.replace(profile.diffusion, decoder_loss_weight=1.0, decoder_loss_fraction=0.25)
+    unet = build_unet(profile.unet, 4)
+    masks = (torch.rand(8, 1, 32, 32) > 0.5).float()
+    diffusion.training_loss(unet, make_scheduler(cfg), cfg, torch.randn(8, 4, 4, 4), torch.randn(8, 4, 4, 4),
+                            torch.Generator().manual_seed(0), object(), masks)
+    assert seen == [2]
+
+
+def test_mask_decoder_finetune_changes_only_the_decoder_and_improves_the_round_trip():
+    from syndiff_lib.autoencoder import finetune_mask_decoder, mask_round_trip_dice
+
+    torch.manual_seed(0)
+    vae = build_autoencoder(TINY_AE).eval()
+    masks = torch.zeros(8, 1, 32, 32)
+    for i in range(8):
+        masks[i, :, 4 + i : 12 + i, 6 + 2 * i : 14 + i] = 1  # small boxes in different places
+    z_before = encode_mask(vae, masks)
+    encoder_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    dice_before = mask_round_trip_dice(vae, masks).mean().item()
+    cfg = dataclasses.replace(TINY_AE, mask_decoder_steps=200, mask_decoder_lr=1e-3, batch_size=8)
+    summary = finetune_mask_decoder(vae, masks, cfg, torch.Generator().manual_seed(0), log=lambda *_: None)
+    assert summary["steps"] == 200
+    torch.testing.assert_close(encode_mask(vae, masks), z_before)  # the targets z_0 are untouched
+    for k, v in vae.encoder.state_dict().items():
+        torch.testing.assert_close(v, encoder_before[k])
+    assert not any(p.requires_grad for p in vae.parameters())  # frozen again
+    assert mask_round_trip_dice(vae, masks).mean().item() > max(dice_before, 0.5)
+
+
+def test_the_mask_decoder_stage_has_its_own_cache_key():
+    from syndiff_lib.train import autoencoder_cache_key
+
+    a = get_profile("cpu")
+    b = get_profile("cpu")
+    b.autoencoder.mask_decoder_steps = 123
+    key = lambda p, stage: autoencoder_cache_key(p, ["1", "2"], "toy", 0, stage)  # noqa: E731
+    assert key(a, "autoencoder") == key(b, "autoencoder")  # the first stage is shared
+    assert key(a, "mask_decoder") != key(b, "mask_decoder")
+
+
+def test_the_paper_recipe_is_exactly_the_papers_and_the_default_differs_only_in_named_options():
+    from syndiff_lib.config import RECIPES, DiffusionConfig
+
+    paper = RECIPES["paper"]
+    assert (paper.prediction_type, paper.timestep_sampling, paper.t_infer) == ("epsilon", "uniform", 50)
+    assert (paper.latent_loss, paper.lambda_latent, paper.decoder_loss_weight) == ("l1", 1.0, 0.0)
+    assert not paper.rescale_zero_terminal_snr and paper.beta_schedule == "scaled_linear"
+    default = dataclasses.asdict(RECIPES["default"])
+    changed = {k for k, v in dataclasses.asdict(paper).items() if default[k] != v}
+    assert changed == {"recipe", "prediction_type", "timestep_sampling", "t_infer", "latent_loss"}
+    assert set(dataclasses.asdict(DiffusionConfig())) == set(default)
