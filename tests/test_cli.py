@@ -225,3 +225,23 @@ def test_tiny_train_then_evaluate_on_clinicdb(clinicdb, tmp_path):
     split = json.loads((out / "split.json").read_text())
     assert split["scheme"] == "pranet" and len(split["test"]) == 62
     print("tiny ClinicDB run:", json.dumps(summary))
+
+
+def test_baseline_trains_saves_safetensors_and_evaluates(tmp_path, toy_dir):
+    """The equal-budget yardstick: `syndiff train --model baseline` makes a run folder that
+    `evaluate` loads like a SynDiff run, and refuses --resume (it trains in one go)."""
+    out = tmp_path / "baseline"
+    result = syndiff("train", "--model", "baseline", "--profile", "tiny", "--max-steps", "6", "--val-every", "3",
+                     "--data", toy_dir, "--out", out)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 6 and 0 <= results["val_dice"] <= 1 and "hardware" in results
+    assert (out / "pipeline" / "baseline_config.json").exists()
+    assert list(out.rglob("*.safetensors")) and not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_dice" in r] == [3, 6]
+    scored = syndiff("evaluate", "--checkpoint", out, "--data", toy_dir, "--split", "test", "--json")
+    assert scored.returncode == 0, scored.stderr
+    assert last_json(scored.stdout)["n"] == len(json.loads((out / "split.json").read_text())["test"])
+    again = syndiff("train", "--model", "baseline", "--profile", "tiny", "--resume", "--data", toy_dir, "--out", out)
+    assert again.returncode != 0 and "--resume" in again.stderr
