@@ -26,6 +26,7 @@ from diffusers.models.autoencoders.vae import Encoder
 from diffusers.models.modeling_utils import ModelMixin
 
 from .config import AutoencoderConfig
+from .diffusion import decoder_loss  # L1 + soft Dice of a decoded mask: the fine-tune's loss too
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
@@ -171,12 +172,6 @@ def mask_round_trip_dice(vae: AutoencoderKL, masks: torch.Tensor, batch_size: in
     return torch.cat(dices)
 
 
-def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice per image [B, 1, H, W], averaged: every image weighs the same."""
-    inter = (prob * target).sum((1, 2, 3))
-    return (1 - (2 * inter + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)).mean()
-
-
 def finetune_mask_decoder(
     vae: AutoencoderKL, masks: torch.Tensor, cfg: AutoencoderConfig, generator: torch.Generator, log=print
 ) -> dict:
@@ -203,9 +198,7 @@ def finetune_mask_decoder(
         for dim in (2, 3):
             if torch.rand(1, generator=generator) < 0.5:
                 x = x.flip(dim)
-        latent = encode_mask(vae, x)  # no gradient into E
-        recon = vae.decode(latent / vae.config.scaling_factor).sample.mean(1, keepdim=True)  # [B, 1, H, W] ~ [-1, 1]
-        loss = F.l1_loss(recon, x * 2 - 1) + soft_dice_loss(((recon + 1) / 2).clamp(0, 1), x)
+        loss = decoder_loss(vae, encode_mask(vae, x), x)  # the segmenter's optional pixel loss; no gradient into E
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -22,7 +22,7 @@ And two recipes for the diffusion part (see :data:`RECIPES`):
   0.264 -> 0.676, and the model fits its training frames instead of missing the smaller
   polyps); mask latents at unit variance; lr 5e-4 with a cosine decay over the time budget.
   An extra loss on the decoded mask D(z~_0) (``decoder_loss_weight``, E2E-FT style) is
-  available but off: its steps cost ~2x (half the batch: ~1.7x) and it lost at equal
+  available but off: its steps cost ~2.2x (half the batch: ~1.6x) and it lost at equal
   wall-clock time.
 
 At the ``cpu`` profile the autoencoder gets a second, cached training stage
