@@ -92,7 +92,8 @@ class BaselinePipeline:
 def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, folds: int = 5, synthetic=(), log=log_line) -> dict:
     """Train the baseline under the profile's step and wall-clock budget; best-on-validation is kept."""
     from .train import (
-        budget_cosine_schedule, hardware_info, prepare_data, progress_bar, random_batch, samples_to_tensors, validation_dice,
+        averaged_weights, budget_cosine_schedule, hardware_info, make_ema, prepare_data, progress_bar, random_batch,
+        samples_to_tensors, validation_dice,
     )
 
     run_dir, tcfg = Path(out), profile.train
@@ -109,7 +110,30 @@ def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, fol
                                           lambda: time.time() - start)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     generator = torch.Generator().manual_seed(seed)
-    best, best_step, step = -1.0, None, 0
+    parameters = list(unet.parameters())
+    ema = make_ema(parameters, tcfg.ema_decay)  # the same weight average as the SynDiff run gets
+    best, best_step, best_weights, step = -1.0, None, None, 0
+
+    def score_and_keep(weights: str) -> float:
+        """Validation Dice of the weights the U-Net holds now; kept in RUN_DIR/pipeline if best so far."""
+        nonlocal best, best_step, best_weights
+        pipe = BaselinePipeline(accelerator.unwrap_model(unet), profile)
+        dice = validation_dice(pipe, val_samples, seed)
+        unet.train()
+        if dice > best:
+            best, best_step, best_weights = dice, step, weights
+            shutil.rmtree(run_dir / "pipeline", ignore_errors=True)
+            pipe.save_pretrained(run_dir / "pipeline")
+        return dice
+
+    def validate(record: dict) -> None:
+        if ema is not None:
+            record["val_dice_raw"] = score_and_keep("raw")
+        with averaged_weights(ema, parameters):
+            record["val_dice"] = score_and_keep("raw" if ema is None else "ema")
+        raw = f" (raw weights {record['val_dice_raw']:.3f})" if ema is not None else ""
+        log(f"baseline step {step}: validation Dice {record['val_dice']:.3f}{raw} (best {best:.3f}, {best_weights} weights)")
+
     log_file = run_dir / "log.jsonl"
     log(f"baseline: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters; {len(train_samples)} train, {len(val_samples)} val")
     bar = progress_bar(tcfg.max_steps, "baseline")
@@ -126,35 +150,28 @@ def train_baseline(profile: Profile, data, out, *, seed: int = 0, fold=None, fol
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(parameters)
         step += 1
         bar.update(1)
         record = {"step": step, "loss": loss.item(), "elapsed_s": round(time.time() - start, 1)}
         is_val = step % tcfg.val_every == 0 or step == tcfg.max_steps
         if is_val:
-            pipe = BaselinePipeline(accelerator.unwrap_model(unet), profile)
-            record["val_dice"] = validation_dice(pipe, val_samples, seed)
-            unet.train()
-            if record["val_dice"] > best:
-                best, best_step = record["val_dice"], step
-                shutil.rmtree(run_dir / "pipeline", ignore_errors=True)
-                pipe.save_pretrained(run_dir / "pipeline")
-            log(f"baseline step {step}: validation Dice {record['val_dice']:.3f} (best {best:.3f})")
+            validate(record)
         if is_val or step % tcfg.log_every == 0:
             with open(log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
     bar.close()
-    if best_step is None or (step % tcfg.val_every and step != tcfg.max_steps):
-        pipe = BaselinePipeline(accelerator.unwrap_model(unet), profile)
-        dice = validation_dice(pipe, val_samples, seed)
-        if dice > best:
-            best, best_step = dice, step
-            shutil.rmtree(run_dir / "pipeline", ignore_errors=True)
-            pipe.save_pretrained(run_dir / "pipeline")
+    if best_step is None or (step % tcfg.val_every and step != tcfg.max_steps):  # the steps since the last validation
+        record = {"step": step, "elapsed_s": round(time.time() - start, 1)}
+        validate(record)
+        with open(log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
     results = {
         "model": "baseline", "profile": profile.name, "config": profile.to_dict(), "seed": seed,
         "data": split["data"], "split": {k: len(split[k]) for k in ("train", "val", "test")} | {"scheme": split["scheme"]},
         "steps": step, "stop_reason": stop_reason, "train_seconds": round(time.time() - start, 1),
-        "best_step": best_step, "val_dice": best, "hardware": hardware_info(accelerator),
+        "best_step": best_step, "best_weights": best_weights, "val_dice": best, "hardware": hardware_info(accelerator),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results

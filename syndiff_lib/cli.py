@@ -55,7 +55,7 @@ def cmd_train(args) -> int:
     profile.diffusion = dataclasses.replace(profile.diffusion, **{k: v for k, v in overrides.items() if v is not None})
     train_overrides = {"max_steps": args.max_steps, "max_minutes": args.max_minutes, "lr": args.lr,
                        "batch_size": args.batch_size, "checkpoint_every": args.checkpoint_every,
-                       "val_every": args.val_every, "mixed_precision": args.mixed_precision}
+                       "val_every": args.val_every, "mixed_precision": args.mixed_precision, "ema_decay": args.ema_decay}
     profile.train = dataclasses.replace(profile.train, **{k: v for k, v in train_overrides.items() if v is not None})
     if args.freeze_encoder:
         profile.train.freeze_encoder = True
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="beyond the paper: EMA of the weights, scored beside the raw ones at each validation (0: off)")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("evaluate", help="Dice, IoU, HD95, NSD on a split")

@@ -13,6 +13,8 @@ Taught in notebook 04 (training). One call, :func:`train`, does a whole run:
 5. Every ``checkpoint_every`` steps: a resumable checkpoint (safetensors only: models,
    optimizer, learning-rate schedule, step, RNG state), written to a temporary folder and
    then renamed, so a kill during a save never spoils the last good checkpoint.
+6. With ``ema_decay`` > 0 (the ``cpu`` profile), an exponential moving average of the
+   weights is kept beside them; each validation scores both, and the better one is kept.
 
 Run folder::
 
@@ -29,12 +31,14 @@ import platform
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -217,6 +221,34 @@ def budget_cosine_schedule(optimizer, warmup_steps: int, max_steps: int, budget_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# --- an average of the weights (EMA) ------------------------------------------------------
+def make_ema(parameters: list, decay: float) -> EMAModel | None:
+    """diffusers' EMAModel over ``parameters``, or None when ``decay`` is 0.
+
+    With its warm-up the decay at step k is 1 - (1 + k)^(-2/3), capped at ``decay``: 0.99 at
+    step 1000, 0.995 at 3000. Early on the average forgets fast (the first weights are bad),
+    later it smooths over a few hundred steps of the noisy, high-learning-rate updates.
+    """
+    if decay <= 0:
+        return None
+    return EMAModel(parameters, decay=decay, use_ema_warmup=True, power=2 / 3, foreach=True)
+
+
+@contextmanager
+def averaged_weights(ema: EMAModel | None, parameters: list):
+    """Inside the block the models hold the averaged weights, after it their own again
+    (nothing changes when ``ema`` is None)."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
 # --- checkpoints: safetensors only, written atomically ----------------------------------
 def _optimizer_to_safetensors(optimizer) -> tuple[dict, dict]:
     state = optimizer.state_dict()
@@ -239,7 +271,7 @@ def _optimizer_from_safetensors(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, models: dict, optimizer, lr_scheduler, generator, state: dict) -> None:
+def save_checkpoint(run_dir: Path, models: dict, optimizer, lr_scheduler, generator, state: dict, ema=None) -> None:
     """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by renames."""
     final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -251,6 +283,9 @@ def save_checkpoint(run_dir: Path, models: dict, optimizer, lr_scheduler, genera
     save_file({"generator": generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.safetensors")
     meta["lr_scheduler"] = lr_scheduler.state_dict()
     (tmp / "optimizer.json").write_text(json.dumps(meta))
+    if ema is not None:
+        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
+        state = state | {"ema_step": ema.optimization_step}
     (tmp / "state.json").write_text(json.dumps(state))  # written last: marks the folder complete
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -267,7 +302,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generator) -> dict:
+def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generator, ema=None) -> dict:
     for name, model in models.items():
         weights = load_file(path / name / "diffusion_pytorch_model.safetensors")
         model.load_state_dict(weights)
@@ -277,7 +312,15 @@ def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generator
     rng = load_file(path / "rng.safetensors")
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
-    return json.loads((path / "state.json").read_text())
+    state = json.loads((path / "state.json").read_text())
+    if ema is not None:
+        if not (path / "ema.safetensors").exists():
+            raise TrainingError(f"{path} has no EMA weights (it was written with ema_decay = 0); resume with the same config")
+        shadow = load_file(path / "ema.safetensors")
+        for i, p in enumerate(ema.shadow_params):
+            p.copy_(shadow[str(i)])
+        ema.optimization_step = state["ema_step"]
+    return state
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -381,11 +424,13 @@ def train(
     unet, image_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, image_encoder, optimizer, lr_scheduler)
     models = {"unet": unet, "image_encoder": image_encoder}
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    ema = make_ema(trainable, tcfg.ema_decay)
 
-    state = {"step": 0, "elapsed_s": 0.0, "best_val_dice": -1.0, "best_step": None}
+    state = {"step": 0, "elapsed_s": 0.0, "best_val_dice": -1.0, "best_step": None, "best_weights": None}
     checkpoint = find_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, {k: accelerator.unwrap_model(m) for k, m in models.items()}, optimizer, lr_scheduler, generator)
+        state = load_checkpoint(checkpoint, {k: accelerator.unwrap_model(m) for k, m in models.items()}, optimizer, lr_scheduler,
+                                generator, ema)
         log(f"resumed from step {state['step']} ({checkpoint.name})")
     elif resume:
         log("no checkpoint found: starting from step 0")
@@ -396,30 +441,43 @@ def train(
     def save_state():
         if is_main:
             state["elapsed_s"] = elapsed()
-            save_checkpoint(run_dir, {k: accelerator.unwrap_model(m) for k, m in models.items()}, optimizer, lr_scheduler, generator, state)
+            save_checkpoint(run_dir, {k: accelerator.unwrap_model(m) for k, m in models.items()}, optimizer, lr_scheduler, generator,
+                            state, ema)
 
     # A fixed sample of training frames, scored beside validation: not for model selection,
     # but to tell underfitting (both low) from overfitting (train high, validation low).
     fit_samples = [train_samples[i] for i in np.random.default_rng(seed).permutation(len(train_samples))[:TRAIN_FIT_FRAMES]]
 
-    def validate():
+    def score_and_keep(weights: str, record: dict):
+        """Validation Dice of the weights the models hold now; they become RUN_DIR/pipeline
+        if no earlier validation scored higher."""
         pipe = make_pipeline()
         dice = validation_dice(pipe, val_samples, seed) if val_samples else float("nan")
-        train_dice = validation_dice(pipe, fit_samples, seed)
-        for model in models.values():
-            model.train()
-        image_encoder.train(not tcfg.freeze_encoder)
-        record = {"step": state["step"], "val_dice": dice, "train_dice": train_dice, "elapsed_s": round(elapsed(), 1)}
         if is_main and dice > state["best_val_dice"]:
-            state["best_val_dice"], state["best_step"] = dice, state["step"]
+            state["best_val_dice"], state["best_step"], state["best_weights"] = dice, state["step"], weights
             tmp = run_dir / "pipeline.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             pipe.save_pretrained(tmp)
             shutil.rmtree(run_dir / "pipeline", ignore_errors=True)
             tmp.rename(run_dir / "pipeline")
-            record["best"] = True
+            record["best"] = weights
+        return dice, pipe
+
+    def validate():
+        record = {"step": state["step"]}
+        if ema is not None:  # the raw weights too: the comparison that justifies the average
+            record["val_dice_raw"], _ = score_and_keep("raw", record)
+        with averaged_weights(ema, trainable):
+            record["val_dice"], pipe = score_and_keep("raw" if ema is None else "ema", record)
+            record["train_dice"] = validation_dice(pipe, fit_samples, seed)
+        for model in models.values():
+            model.train()
+        image_encoder.train(not tcfg.freeze_encoder)
+        record["elapsed_s"] = round(elapsed(), 1)
         write_log(record)
-        log(f"step {state['step']}: validation Dice {dice:.3f}, training-frame Dice {train_dice:.3f} (best {state['best_val_dice']:.3f} at step {state['best_step']})")
+        raw = f" (raw weights {record['val_dice_raw']:.3f})" if ema is not None else ""
+        log(f"step {state['step']}: validation Dice {record['val_dice']:.3f}{raw}, training-frame Dice {record['train_dice']:.3f} "
+            f"(best {state['best_val_dice']:.3f} at step {state['best_step']}, {state['best_weights']} weights)")
 
     log_file = run_dir / "log.jsonl"
 
@@ -460,6 +518,8 @@ def train(
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(trainable)
         state["step"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -489,6 +549,7 @@ def train(
         "train_seconds": round(state["elapsed_s"], 1),
         "wall_seconds_this_session": round(time.time() - t_start, 1),
         "best_step": state["best_step"],
+        "best_weights": state.get("best_weights"),
         "val_dice": state["best_val_dice"],
         "autoencoder_round_trip_dice_val": round_trip,
         "hardware": hardware_info(accelerator),

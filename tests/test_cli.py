@@ -20,7 +20,9 @@ from syndiff_lib.data import write_toy_dataset
 
 # Small and quick: the toy dataset, 32x32-latent-free 64x64 inputs, few steps.
 FAST = ["--profile", "tiny", "--max-steps", "40", "--max-minutes", "30", "--val-every", "20", "--checkpoint-every", "10"]
-RESUMABLE = ["--profile", "tiny", "--max-steps", "50", "--max-minutes", "30", "--checkpoint-every", "10", "--val-every", "100"]
+# With a weight average (EMA), so that its state, too, must survive the kill.
+RESUMABLE = ["--profile", "tiny", "--max-steps", "50", "--max-minutes", "30", "--checkpoint-every", "10", "--val-every", "100",
+             "--ema-decay", "0.99"]
 
 
 def syndiff(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
@@ -138,7 +140,12 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_dir, toy_ru
     assert resumed.returncode == 0, resumed.stderr
     match = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "resumed from step" in line]
     assert match and int(match[0].split("resumed from step ")[1].split()[0]) >= killed_at
-    assert json.loads((out / "results.json").read_text())["steps"] == 50
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 50 and results["best_weights"] in ("raw", "ema")
+    assert (out / "checkpoint" / "ema.safetensors").exists()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["ema_step"] == 50
+    last = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    assert 0 <= last["val_dice"] <= 1 and 0 <= last["val_dice_raw"] <= 1  # both weights scored
 
 
 def test_checkpoint_round_trip_restores_optimizer_and_rng(tmp_path):
@@ -150,14 +157,22 @@ def test_checkpoint_round_trip_restores_optimizer_and_rng(tmp_path):
     optimizer.step()
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5)
     generator = torch.Generator().manual_seed(5)
-    train_module.save_checkpoint(tmp_path, {"m": model}, optimizer, lr_scheduler, generator, {"step": 7})
+    ema = train_module.make_ema(list(model.parameters()), 0.9)
+    for _ in range(2):  # the first step only copies the weights (the warm-up's decay is 0 there)
+        with torch.no_grad():
+            model.weight += 1.0
+        ema.step(list(model.parameters()))
+    train_module.save_checkpoint(tmp_path, {"m": model}, optimizer, lr_scheduler, generator, {"step": 7}, ema)
     expected_draw = torch.rand(3, generator=generator)
     model2 = torch.nn.Linear(3, 2)
     optimizer2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
     generator2 = torch.Generator()
+    ema2 = train_module.make_ema(list(model2.parameters()), 0.9)
     state = train_module.load_checkpoint(tmp_path / "checkpoint", {"m": model2}, optimizer2,
-                                         torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 0.5), generator2)
-    assert state["step"] == 7
+                                         torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 0.5), generator2, ema2)
+    assert state["step"] == 7 and ema2.optimization_step == ema.optimization_step == 2
+    torch.testing.assert_close(ema2.shadow_params[0], ema.shadow_params[0])
+    assert not torch.allclose(ema2.shadow_params[0], model2.weight)  # the average, not a copy of the weights
     torch.testing.assert_close(model2.weight, model.weight)
     torch.testing.assert_close(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     torch.testing.assert_close(torch.rand(3, generator=generator2), expected_draw)
@@ -232,7 +247,7 @@ def test_baseline_trains_saves_safetensors_and_evaluates(tmp_path, toy_dir):
     `evaluate` loads like a SynDiff run, and refuses --resume (it trains in one go)."""
     out = tmp_path / "baseline"
     result = syndiff("train", "--model", "baseline", "--profile", "tiny", "--max-steps", "6", "--val-every", "3",
-                     "--data", toy_dir, "--out", out)
+                     "--ema-decay", "0.9", "--data", toy_dir, "--out", out)
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 6 and 0 <= results["val_dice"] <= 1 and "hardware" in results
@@ -240,6 +255,8 @@ def test_baseline_trains_saves_safetensors_and_evaluates(tmp_path, toy_dir):
     assert list(out.rglob("*.safetensors")) and not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_dice" in r] == [3, 6]
+    assert all(0 <= r["val_dice_raw"] <= 1 for r in records if "val_dice" in r)  # raw and averaged weights, both scored
+    assert results["best_weights"] in ("raw", "ema")
     scored = syndiff("evaluate", "--checkpoint", out, "--data", toy_dir, "--split", "test", "--json")
     assert scored.returncode == 0, scored.stderr
     assert last_json(scored.stdout)["n"] == len(json.loads((out / "split.json").read_text())["test"])
