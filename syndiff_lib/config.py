@@ -25,6 +25,11 @@ And two recipes for the diffusion part (see :data:`RECIPES`):
   available but off: its steps cost ~2.2x (half the batch: ~1.6x) and it lost at equal
   wall-clock time.
 
+Beside the recipe, the ``cpu`` profile keeps an exponential moving average of the trainable
+weights (``TrainConfig.ema_decay``, the baseline gets the same): every validation scores the
+raw and the averaged weights and the better one on validation is kept, so the log says what
+the average bought.
+
 At the ``cpu`` profile the autoencoder gets a second, cached training stage
 (``mask_decoder_steps``): D alone, on whole training masks, with L1 + soft Dice.
 """
