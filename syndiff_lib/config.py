@@ -28,7 +28,9 @@ And two recipes for the diffusion part (see :data:`RECIPES`):
 Beside the recipe, the ``cpu`` profile keeps an exponential moving average of the trainable
 weights (``TrainConfig.ema_decay``, the baseline gets the same): every validation scores the
 raw and the averaged weights and the better one on validation is kept, so the log says what
-the average bought.
+the average bought (published cpu run: the average scored higher at 12 of 16 validations,
+mean val Dice 0.794 against 0.767). With the whole two cores for 45 minutes (3044 steps) the
+default reaches test Dice 0.755 on the PraNet split, the baseline 0.719 (book/single-step.md).
 
 At the ``cpu`` profile the autoencoder gets a second, cached training stage
 (``mask_decoder_steps``): D alone, on whole training masks, with L1 + soft Dice.
