@@ -11,6 +11,11 @@ rows change one thing of that model, except "+ Traditional augmentation", which 
 "Traditional" row (real data + flips and a small rotation). Synthetic counts are the paper's,
 on its 488 training frames; :func:`scaled_count` scales them to our training set. The GAN
 row is not run: there is no GAN in this project.
+
+Every count and budget the notebooks print is computed here, not in a cell: how many
+synthetic samples notebook 02 makes (:func:`synthetic_set_size`), what each row of the grid
+may train (:func:`grid_budget`), and, for notebook 05, the t_infer study
+(:func:`inference_study`) and the setting chosen from it on validation (:func:`best_single_step`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,46 @@ TABLE3 = [
 ]
 
 
+PAPER_TRAIN_FRAMES = 488  # the paper's training frames: its synthetic counts are for this many
+TINY_GRID_STEPS = 30  # the tiny profile's steps per row: enough to run the grid, far too few to learn anything
+SMOKE_STEPS = 500  # under this many steps per row, the grid checks the machinery; its numbers are not results
+
+
+def synthetic_set_size(n_train: int, n: int | None = None) -> int:
+    """How many synthetic samples notebook 02 makes: ``n``, else the paper's largest Table 3
+    row (200 on 488 frames) scaled to ``n_train``, and at least 8 (enough for Fig. 2's grid)."""
+    largest = max(r["synthetic"] for r in TABLE3 if r.get("synthetic"))
+    return n or max(8, round(largest * n_train / PAPER_TRAIN_FRAMES))
+
+
+def scaled_counts(n_train: int, available: int) -> dict[int, int]:
+    """The paper's synthetic counts of Tables 2 and 3 -> ours (:func:`scaled_count`), ascending (notebook 06)."""
+    paper = sorted({r["synthetic"] for r in TABLE2 + TABLE3 if r.get("synthetic")})
+    return {count: scaled_count(count, n_train, available) for count in paper}
+
+
+def grid_budget(base: Profile, steps: int | None = None, minutes: float | None = None) -> dict:
+    """The budget every trained row of notebook 06 shares: :func:`row_budget` of ``steps`` and
+    ``minutes``; for the tiny profile ``steps`` defaults to TINY_GRID_STEPS (a smoke test).
+    Whatever is left None stays the profile's own."""
+    if base.name == "tiny" and steps is None:
+        steps = TINY_GRID_STEPS
+    return row_budget(base, steps, minutes)
+
+
+def budget_text(base: Profile, budget: dict) -> str:
+    """The budget in words, e.g. "at most 30 steps or 1 min", as the profile with it trains (notebook 06)."""
+    train = dataclasses.replace(base.train, **budget)
+    if train.max_minutes is None:
+        return f"at most {train.max_steps} steps (no time limit)"
+    return f"at most {train.max_steps} steps or {train.max_minutes:g} min"
+
+
+def is_smoke_budget(base: Profile, budget: dict) -> bool:
+    """True if a row trains for fewer than SMOKE_STEPS steps: the grid's numbers mean nothing then (notebook 06)."""
+    return dataclasses.replace(base.train, **budget).max_steps < SMOKE_STEPS
+
+
 def row_budget(base: Profile, steps: int | None = None, minutes: float | None = None) -> dict:
     """TrainConfig fields that every row shares: a step and/or time budget (None: the profile's)."""
     budget: dict = {}
@@ -73,7 +118,7 @@ def row_profile(profile_name: str, row: dict, budget: dict | None = None) -> Pro
 
 def scaled_count(paper_count: int, n_train: int, available: int) -> int:
     """The paper's synthetic count on 488 real frames, scaled to ``n_train`` (and to what exists)."""
-    return min(available, round(paper_count * n_train / 488))
+    return min(available, round(paper_count * n_train / PAPER_TRAIN_FRAMES))
 
 
 def synthetic_subset(synthetic_dir, records: list[dict], k: int, dest) -> Path:
@@ -165,3 +210,23 @@ def inference_study(pipe, splits: dict, t_values=(50, 250, 500, 750, 999), ddim_
         rows.append(row)
         log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return rows
+
+
+def best_single_step(study: list[dict], split: str = "val") -> dict:
+    """The single-step row of :func:`inference_study` with the highest mean Dice on ``split``
+    (notebook 05). Choose on validation, never on test: the test score of the chosen row is
+    then an honest estimate."""
+    single = [row for row in study if row["steps"] == 1]
+    if not single:
+        raise ValueError("study: no single-step row (inference_study's t_values was empty)")
+    return max(single, key=lambda row: row[f"{split}_dice"])
+
+
+def study_table_rows(study: list[dict]) -> list[list[str]]:
+    """Rows for viz.table from :func:`inference_study`: the setting, then val Dice, test Dice
+    and test IoU as "mean ± std" over the noise seeds (notebook 05)."""
+    def spread(row, key):
+        return f"{row[key]:.3f} ± {row[key + '_std']:.3f}"
+
+    return [[f"1 step, t = {r['t_infer']}" if r["steps"] == 1 else f"DDIM, {r['steps']} steps",
+             spread(r, "val_dice"), spread(r, "test_dice"), spread(r, "test_iou")] for r in study]

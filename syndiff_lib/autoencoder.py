@@ -11,12 +11,22 @@ Notation (B = batch, H x W = image size, h x w = H/8 x W/8 = latent size):
 A mask is a 1-channel image; SD's autoencoder wants 3 channels in [-1, 1], so a mask goes
 1 -> 3 channels (repeated) -> [-1, 1] -> E. Decoding reverses it: D -> mean over the three
 channels -> [0, 1] soft map -> threshold 0.5.
+
+At the ``tiny`` and ``cpu`` scales there are no pretrained weights to download, so (E, D) is
+trained here (:func:`train_autoencoder`, then :func:`finetune_mask_decoder`) and cached by
+:func:`get_autoencoder` under ``$SYNDIFF_CACHE`` (default ``~/.cache/syndiff``): every run on
+the same training frames with the same config shares one, as runs at the ``full`` scale
+share SD's pretrained VAE.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +35,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import Encoder
 from diffusers.models.modeling_utils import ModelMixin
 
-from .config import AutoencoderConfig
-from .diffusion import decoder_loss  # L1 + soft Dice of a decoded mask: the fine-tune's loss too
+from .config import AutoencoderConfig, Profile
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
@@ -159,6 +168,20 @@ def random_autoencoder_batch(
     return torch.stack(batch)  # [B, 3, crop, crop]
 
 
+def decoder_loss(vae, mask_latent_pred, mask) -> torch.Tensor:
+    """A pixel-space loss through the decoder D: the mask-decoder fine-tune's loss, and (not
+    in the paper, as in E2E-FT) the segmenter's optional loss on its decoded mask.
+
+    x = mean over channels of D(z~_0 / s), nominally in [-1, 1]; loss = L1(x, 2X - 1) +
+    (1 - soft Dice of (x + 1) / 2 against X). Gradients flow through D into the U-Net.
+    """
+    x = vae.decode(mask_latent_pred.to(vae.dtype) / vae.config.scaling_factor).sample.float().mean(1, keepdim=True)  # [B, 1, H, W]
+    target = mask.float()  # [B, 1, H, W] in {0, 1}
+    prob = ((x + 1) / 2).clamp(0, 1)
+    dice = (2 * (prob * target).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    return F.l1_loss(x, target * 2 - 1) + (1 - dice).mean()
+
+
 def mask_round_trip_dice(vae: AutoencoderKL, masks: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Dice of threshold(D(E(X))) against X, per mask: the ceiling the autoencoder puts on us."""
     dices = []
@@ -243,3 +266,79 @@ def train_autoencoder(
     vae.eval()
     vae.requires_grad_(False)
     return {"steps": step, "seconds": round(time.time() - start, 1), "loss": loss_ema}
+
+
+# --- the frozen autoencoder of a run: trained once, then cached -----------------------------
+MASK_DECODER_FIELDS = ("mask_decoder_steps", "mask_decoder_lr")  # the second stage: keyed on its own
+
+
+def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int, stage: str = "autoencoder") -> str:
+    """The cache key of the trained (E, D) ("autoencoder") or of it after the mask-decoder
+    fine-tune ("mask_decoder"); the first stage's key ignores the second stage's settings,
+    so changing those reuses the cached first stage."""
+    cfg = dict(profile.autoencoder.__dict__)
+    if stage == "autoencoder":
+        cfg = {k: v for k, v in cfg.items() if k not in MASK_DECODER_FIELDS}
+    where = str(data) if str(data) == "toy" else str(Path(data).resolve())  # one key whatever the working folder
+    blob = json.dumps([cfg, profile.train.image_size, sorted(train_ids), where, seed], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: Path, seed: int, log=print) -> AutoencoderKL:
+    """The frozen (E, D): from the run folder, the cache, the hub (``full``), or trained now.
+
+    Trained here in two cached stages: (E, D) on crops of images and masks
+    (:func:`train_autoencoder`), then, if ``mask_decoder_steps`` > 0, D alone on whole masks
+    (:func:`finetune_mask_decoder`).
+    """
+    cfg = profile.autoencoder
+    if (run_dir / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(run_dir / "vae")
+    elif cfg.pretrained is not None:
+        vae = build_autoencoder(cfg)
+    else:
+        cache = Path(os.environ.get("SYNDIFF_CACHE", Path.home() / ".cache" / "syndiff")) / "autoencoders"
+        first = cache / autoencoder_cache_key(profile, train_ids, data, seed)
+        second = cache / autoencoder_cache_key(profile, train_ids, data, seed, stage="mask_decoder")
+        if cfg.mask_decoder_steps > 0 and (second / "config.json").exists():
+            log(f"autoencoder: using the cached one (with its fine-tuned mask decoder) in {second}")
+            vae = AutoencoderKL.from_pretrained(second)
+        else:
+            complete = True
+            if (first / "config.json").exists():
+                log(f"autoencoder: using the cached one in {first}")
+                vae = AutoencoderKL.from_pretrained(first)
+            else:
+                log(f"autoencoder: training it on {len(images)} training images and masks (no pretrained weights offline)")
+                torch.manual_seed(seed)  # the initial weights
+                vae = build_autoencoder(cfg)
+                summary = train_autoencoder(vae, images, masks, cfg, torch.Generator().manual_seed(seed), log)
+                log(f"autoencoder: {summary['steps']} steps in {summary['seconds']} s")
+                if cfg.unit_std_latents:
+                    set_unit_std_scaling(vae, masks, log)
+                complete = summary["steps"] == cfg.train_steps
+                if complete:  # only a complete training is shared with later runs
+                    vae.save_pretrained(first)
+                else:
+                    log(f"autoencoder: stopped by its {cfg.train_minutes}-minute cap before {cfg.train_steps} steps; not cached")
+            if cfg.mask_decoder_steps > 0:
+                log(f"autoencoder: fine-tuning D on whole training masks for {cfg.mask_decoder_steps} steps (L1 + soft Dice)")
+                summary = finetune_mask_decoder(vae, masks, cfg, torch.Generator().manual_seed(seed), log)
+                log(f"autoencoder: mask decoder {summary['steps']} steps in {summary['seconds']} s")
+                if complete:
+                    vae.save_pretrained(second)
+        vae.save_pretrained(run_dir / "vae")
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+def set_unit_std_scaling(vae: AutoencoderKL, masks: torch.Tensor, log=print) -> float:
+    """LDM's rule for a new autoencoder: scaling_factor s = 1 / std(E(X)), so z_0 has unit
+    variance like the noise n it is mixed with in Eq. 1 (SD's 0.18215 belongs to SD's
+    own image latents, not to the latents of masks from an autoencoder trained here)."""
+    vae.register_to_config(scaling_factor=1.0)
+    with torch.no_grad():
+        std = torch.cat([encode_mask(vae, masks[i : i + 32]) for i in range(0, len(masks), 32)]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    log(f"autoencoder: scaling_factor = 1 / {std:.4f} = {1 / std:.4f}")
+    return 1.0 / std

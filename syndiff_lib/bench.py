@@ -82,3 +82,51 @@ def benchmark(pipe, steps=(1, 50, 100), batch_size: int = 1, warmup: int = 2, re
         "overhead": one / floor_s,
         "threads": torch.get_num_threads(),
     }
+
+
+def train_step_benchmark(profile, models=("syndiff", "baseline"), steps: int = 20, warmup: int = 3, seed: int = 0) -> dict:
+    """Seconds per training step of each model at a profile, on random batches of its size.
+
+    The experiment grid's budgets are step counts; this says what a step costs on this
+    machine, and so how many baseline steps cost what a SynDiff step costs. The steps are
+    train.optimisation_step, the loop's own; the autoencoder is an untrained one of the
+    profile's architecture (a step costs the same whatever its weights).
+    """
+    from accelerate import Accelerator
+
+    from .autoencoder import build_autoencoder
+    from .train import baseline_trainee, optimisation_step, syndiff_trainee
+
+    tcfg = profile.train
+    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
+    generator = torch.Generator().manual_seed(seed)
+    size, batch = tcfg.image_size, tcfg.batch_size
+    pixels = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1  # [B, 3, S, S]
+    mask = (torch.rand(batch, 1, size, size, generator=generator) > 0.7).float()  # [B, 1, S, S]
+    result = {"profile": profile.name, "image_size": size, "batch": batch, "threads": torch.get_num_threads(),
+              "steps_timed": steps, "seconds_per_step": {}}
+    for model in models:
+        torch.manual_seed(seed)
+        if model == "syndiff":
+            vae = build_autoencoder(profile.autoencoder).eval().requires_grad_(False)
+            trainee = syndiff_trainee(profile, vae, accelerator)
+        else:
+            trainee = baseline_trainee(profile, accelerator)
+        for module in trainee.modules.values():
+            module.train()
+        optimizer = torch.optim.AdamW(trainee.parameters, lr=tcfg.lr)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+        def step():
+            optimisation_step(trainee, pixels, mask, generator, optimizer, lr_scheduler, accelerator, tcfg.grad_clip)
+
+        for _ in range(warmup):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        result["seconds_per_step"][model] = (time.perf_counter() - t0) / steps
+    if {"syndiff", "baseline"} <= set(result["seconds_per_step"]):
+        s = result["seconds_per_step"]
+        result["baseline_steps_per_syndiff_step"] = s["syndiff"] / s["baseline"]
+    return result

@@ -41,56 +41,63 @@ def cmd_data_check(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .config import get_profile
-    from .train import train
+DIFFUSION_FLAGS = {  # flag dest -> DiffusionConfig field
+    "lambda_latent": "lambda_latent", "t_infer": "t_infer", "prediction_type": "prediction_type",
+    "timestep_sampling": "timestep_sampling", "decoder_loss_weight": "decoder_loss_weight",
+    "zero_snr": "rescale_zero_terminal_snr", "decoder_loss_fraction": "decoder_loss_fraction",
+    "latent_loss": "latent_loss",
+}
+TRAIN_FLAGS = ("max_steps", "max_minutes", "lr", "batch_size", "checkpoint_every", "val_every", "mixed_precision",
+               "ema_decay")
+
+
+def profile_from_args(args):
+    """The profile a `syndiff train` command line asks for: the named profile and recipe with
+    every flag applied; config.check_profile refuses combinations that contradict each other."""
+    from .config import check_profile, get_profile
 
     profile = get_profile(args.profile, recipe=args.config)
-    overrides = {
-        "lambda_latent": args.lambda_latent, "t_infer": args.t_infer,
-        "prediction_type": args.prediction_type, "timestep_sampling": args.timestep_sampling,
-        "decoder_loss_weight": args.decoder_loss_weight, "rescale_zero_terminal_snr": args.zero_snr,
-        "decoder_loss_fraction": args.decoder_loss_fraction, "latent_loss": args.latent_loss,
-    }
-    profile.diffusion = dataclasses.replace(profile.diffusion, **{k: v for k, v in overrides.items() if v is not None})
-    train_overrides = {"max_steps": args.max_steps, "max_minutes": args.max_minutes, "lr": args.lr,
-                       "batch_size": args.batch_size, "checkpoint_every": args.checkpoint_every,
-                       "val_every": args.val_every, "mixed_precision": args.mixed_precision, "ema_decay": args.ema_decay}
-    profile.train = dataclasses.replace(profile.train, **{k: v for k, v in train_overrides.items() if v is not None})
+    diffusion = {field: getattr(args, flag) for flag, field in DIFFUSION_FLAGS.items() if getattr(args, flag) is not None}
+    if args.fixed_timestep is not None:  # one timestep for training and for the single inference step
+        diffusion |= {"timestep_sampling": "fixed", "fixed_timestep": args.fixed_timestep,
+                      "t_infer": diffusion.get("t_infer", args.fixed_timestep)}
+    if args.model == "baseline" and (diffusion or args.config or args.freeze_encoder):
+        raise ValueError("the baseline has no diffusion and no image encoder: the diffusion and encoder options "
+                         "apply to --model syndiff only")
+    profile.diffusion = dataclasses.replace(profile.diffusion, **diffusion)
+    train = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     if args.freeze_encoder:
-        profile.train.freeze_encoder = True
-    if args.traditional_augment:
-        profile.train.rotate_augment = True
-    common = dict(seed=args.seed, fold=args.fold, folds=args.folds, synthetic=args.synthetic or ())
-    if args.model == "baseline":
-        from .baseline import train_baseline
+        train["freeze_encoder"] = True
+    if args.traditional_augment:  # the paper's Table 3 row: flips and rotation
+        train |= {"flip_augment": True, "rotate_augment": True}
+    profile.train = dataclasses.replace(profile.train, **train)
+    check_profile(profile)
+    return profile
 
-        if args.resume:
-            raise ValueError("the baseline trains in one go: --resume is for SynDiff runs")
-        results = train_baseline(profile, args.data or default_data(), args.out, **common)
-    else:
-        results = train(profile, args.data or default_data(), args.out, resume=args.resume, **common)
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    profile = profile_from_args(args)
+    results = train(profile, args.data or default_data(), args.out, model=args.model, resume=args.resume, seed=args.seed,
+                    fold=args.fold, folds=args.folds, split_seed=args.split_seed, synthetic=args.synthetic or ())
     print(json.dumps({k: results[k] for k in ("steps", "train_seconds", "val_dice", "best_step")}))
     return 0
 
 
-def _split_samples(run_dir: Path, data, split_name: str, size: int):
-    """The samples of one split: the run's own split.json when the data is the one it trained on."""
+def split_samples(run_dir: Path, data, split_name: str, size: int):
+    """The samples of one split: the run's own split.json when the data is the one it trained
+    on, else the data set's own split (data.build_split); "all" is every frame."""
     from . import data as data_lib
 
-    samples = data_lib.load_dataset(data, size=size)
-    if split_name == "all":
-        return samples
     split_file = run_dir / "split.json"
     split = data_lib.load_split(split_file) if split_file.exists() else None
-    same_data = split is not None and (split.get("data") == str(data) or
-                                       (split.get("data") not in (None, "toy") and str(data) != "toy" and
-                                        Path(split["data"]).resolve() == Path(data).resolve()))
-    if not same_data:
-        is_toy = str(data) == "toy"
-        split = data_lib.make_split([s.id for s in samples], "random" if is_toy else data_lib.default_scheme(data))
-    wanted = set(split[split_name])
-    return [s for s in samples if s.id in wanted]
+    if split_name == "all":
+        split = data_lib.build_split(data, scheme="all")
+        split_name = "test"
+    elif split is None or not data_lib.same_data(split.get("data"), data):
+        split = data_lib.build_split(data)
+    return data_lib.load_dataset(data, size=size, ids=split[split_name])
 
 
 def cmd_evaluate(args) -> int:
@@ -100,7 +107,7 @@ def cmd_evaluate(args) -> int:
 
     data = args.data or default_data()
     pipe = load_pipeline(args.checkpoint, device=args.device)
-    samples = _split_samples(Path(args.checkpoint), data, args.split, pipe.profile.train.image_size)
+    samples = split_samples(Path(args.checkpoint), data, args.split, pipe.profile.train.image_size)
     if not samples:
         raise ValueError(f"the {args.split} split of {data} is empty")
     summary, per_image = evaluate(pipe, samples, args.steps, args.t_infer, args.seed, args.nsd_tolerance)
@@ -111,23 +118,23 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{args.split} ({summary['n']} images, {args.steps} step(s), t_infer {summary['t_infer']}):")
+        how = f", {args.steps} step(s), t_infer {summary['t_infer']}" if "t_infer" in summary else ""
+        print(f"{args.split} ({summary['n']} images{how}):")
         for name in ("dice", "iou", "hd95", "nsd"):
             print(f"  {name:5s} {summary[name]:.4f} ± {summary[name + '_std']:.4f}")
     return 0
 
 
 def cmd_segment(args) -> int:
-    import torch
     from PIL import Image
 
-    from .data import read_image
-    from .pipeline import load_pipeline
+    from .data import IMAGE_SUFFIXES, read_image
+    from .pipeline import load_pipeline, segment
 
     files = []
     for item in map(Path, args.inputs):
         if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"))
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         elif item.exists():
             files.append(item)
         else:
@@ -136,7 +143,7 @@ def cmd_segment(args) -> int:
         raise ValueError(f"no images found in {', '.join(args.inputs)}")
     images = [read_image(f) for f in files]  # checked up front: an unreadable file stops here
     pipe = load_pipeline(args.checkpoint, device=args.device)
-    out = pipe(images, args.steps, args.t_infer, torch.Generator().manual_seed(args.seed))
+    out = segment(pipe, images, args.steps, args.t_infer, args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f, mask in zip(files, out.masks):
@@ -152,6 +159,21 @@ def cmd_bench(args) -> int:
     from .config import get_profile
     from .pipeline import SynDiffPipeline
 
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        raise ValueError(f"--steps must be a comma-separated list of step counts, got {args.steps!r}") from None
+    if any(n < 1 for n in steps) or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--steps, --batch and --repeats must be >= 1 (and --warmup >= 0), got steps {args.steps}, "
+                         f"batch {args.batch}, repeats {args.repeats}, warmup {args.warmup}")
+    if args.train_step:
+        from .bench import train_step_benchmark
+
+        profile = get_profile(args.train_step)
+        result = train_step_benchmark(profile, steps=args.repeats, warmup=args.warmup)
+        print(json.dumps(result) if args.json else
+              "seconds per training step: " + ", ".join(f"{k} {v:.3f}" for k, v in result["seconds_per_step"].items()))
+        return 0
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.checkpoint:
         pipe = SynDiffPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
@@ -162,7 +184,6 @@ def cmd_bench(args) -> int:
         pipe = SynDiffPipeline.from_profile(profile).to(args.device, dtype)
     else:
         raise ValueError("give --checkpoint RUN_DIR or --random-init PROFILE")
-    steps = [int(s) for s in args.steps.split(",")]
     result = benchmark(pipe, steps, args.batch, args.warmup, args.repeats)
     result["model"] = str(args.checkpoint or f"random-init {args.random_init}")
     if args.json:
@@ -172,6 +193,124 @@ def cmd_bench(args) -> int:
             print(f"{k:>4} step(s): {v * 1000:9.1f} ms  speedup x{result['speedup'][k]:.1f} (ceiling x{result['speedup_ceiling'][k]:.1f})")
         print(f"parts: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in result["components"].items()))
         print(f"1-step overhead over the bare forwards: x{result['overhead']:.3f}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from . import experiments
+
+    if args.action == "run":
+        budget = experiments.GridBudget(**{k: getattr(args, k) for k in ("syndiff_steps", "baseline_steps")
+                                           if getattr(args, k) is not None})
+        state = experiments.run_grid(args.grid, args.data or default_data(), args.out, budget)
+    elif args.action == "status":
+        state = experiments.status(args.grid, args.out)
+    else:
+        lines = experiments.report(args.grid, args.out)
+        if args.json:
+            print(json.dumps(lines))
+            return 0
+        from .viz import table
+
+        print(table([[ln["row"], f"{ln['cells']}/{ln['of']}", *(f"{100 * ln[m]:.1f} ± {100 * ln[m + '_std']:.1f}"
+                                                               if m in ln else "-" for m in ("dice", "iou")),
+                      f"{ln['hd95']:.1f}" if "hd95" in ln else "-",
+                      f"{100 * ln['diff']:+.1f} [{100 * ln['diff_low']:+.1f}, {100 * ln['diff_high']:+.1f}] {ln['verdict']}"
+                      if "diff" in ln else "-", ln.get("paper") or "-"] for ln in lines],
+                    ["row", "cells", "Dice %", "IoU %", "HD95 px", "Δ Dice vs reference (95% CI)", "paper (Dice, IoU)"]))
+        return 0
+    print(json.dumps(state) if args.json else
+          f"{state['grid']}: {state['done']} of {state['cells']} cells done, {len(state['running'])} running, "
+          f"{state['left']} left" + (f"; about {state['hours_left_estimate']} h left at one cell at a time"
+                                     if state["hours_left_estimate"] is not None else ""))
+    return 0
+
+
+# --- synth --------------------------------------------------------------------------------
+
+
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `syndiff synth` (notebook 02)."""
+    from .synthesis import SDXL_INPAINT_MODEL_ID, SDXL_INPAINT_REVISION
+
+    parser.add_argument("--backend", choices=("copy-paste", "sdxl"), default="copy-paste",
+                        help="sdxl: the paper's text-guided inpainting (downloads ~7 GB of weights, wants a GPU); "
+                             "copy-paste: offline Poisson blending of real training polyps")
+    parser.add_argument("--data", required=True, help='data set folder ("toy" for the toy set): its TRAINING '
+                        "frames give the mask sources and, without --backgrounds, the backgrounds")
+    parser.add_argument("--out", required=True, help="output folder: images/, masks/, manifest.jsonl")
+    parser.add_argument("--n", type=int, default=100, help="number of samples (paper: 100)")
+    parser.add_argument("--prompts", default=None, help="JSON Lines prompt file (default: the bundled 50-prompt bank)")
+    parser.add_argument("--backgrounds", default=None, help="folder of polyp-free frames (default: training frames, "
+                        "the new polyp placed away from the existing one, label = union of both masks)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i depends on (seed, i) only")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run: skip finished samples")
+    parser.add_argument("--min-consistency", type=float, default=0.0,
+                        help="move samples whose consistency score is below this to rejected/ (0: keep all)")
+    parser.add_argument("--split-seed", type=int, default=0, help="the --seed of the training run: the split depends on it")
+    parser.add_argument("--fold", type=int, default=None, help="the --fold of the training run (sequence-grouped k-fold)")
+    parser.add_argument("--folds", type=int, default=5, help="the --folds of the training run")
+    parser.add_argument("--model-id", default=SDXL_INPAINT_MODEL_ID, help="sdxl: hub id or local folder")
+    parser.add_argument("--revision", default=SDXL_INPAINT_REVISION, help="sdxl: commit of --model-id")
+    parser.add_argument("--steps", type=int, default=20, help="sdxl: denoising steps")
+    parser.add_argument("--guidance", type=float, default=8.0, help="sdxl: classifier-free guidance scale")
+    parser.add_argument("--strength", type=float, default=0.99, help="sdxl: how much noise the mask region gets")
+    parser.add_argument("--resolution", type=int, default=1024, help="sdxl: working size of the long side")
+    parser.add_argument("--padding-mask-crop", type=int, default=None,
+                        help="sdxl: inpaint only the mask's box grown by this many px (helps small polyps)")
+    parser.add_argument("--negative-prompt", default=None, help="sdxl: replaces every prompt's negative prompt")
+    parser.add_argument("--fp16", action="store_true", help="sdxl: fp16 weights and compute (GPU)")
+    parser.add_argument("--cpu-offload", action="store_true", help="sdxl: keep sub-models on the CPU until they run")
+    parser.add_argument("--device", default=None, help="sdxl: torch device (default: accelerate's device for "
+                        "this process)")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Run `syndiff synth`; under `accelerate launch` the processes share the samples (notebook 02)."""
+    import time
+
+    from accelerate import PartialState
+
+    from . import data as data_lib
+    from .synthesis import (
+        CopyPasteBackend, SDXLInpaintBackend, SynthesisError, load_backgrounds, load_prompts, synthesize, training_frames,
+        write_manifest,
+    )
+    from .viz import read_jsonl
+
+    if args.n <= 0:
+        raise SynthesisError(f"--n must be a positive number of samples, got {args.n}")
+    prompts = load_prompts(args.prompts)
+    backgrounds = None if args.backgrounds is None else load_backgrounds(args.backgrounds)
+    frames, split = training_frames(args.data, fold=args.fold, folds=args.folds, split_seed=args.split_seed)
+    split_file = Path(args.out) / "split.json"
+    if split_file.exists() and data_lib.load_split(split_file)["train"] != split["train"]:
+        raise SynthesisError(f"{args.out} holds samples made from another split ({split_file}); choose another --out")
+    state = PartialState(cpu=args.backend == "copy-paste" or args.device == "cpu")  # cpu: CPU processes share too
+    if args.backend == "sdxl":
+        backend = SDXLInpaintBackend(
+            model_id=args.model_id, revision=args.revision, device=args.device or state.device, fp16=args.fp16,
+            cpu_offload=args.cpu_offload, steps=args.steps, guidance=args.guidance, strength=args.strength,
+            resolution=args.resolution, padding_mask_crop=args.padding_mask_crop, negative_prompt=args.negative_prompt)
+    else:
+        backend = CopyPasteBackend()
+    if state.is_main_process:
+        data_lib.save_split(split, split_file)  # which frames the samples come from: train --synthetic checks it
+    start = time.perf_counter()
+    with state.split_between_processes(list(range(args.n))) as mine:
+        made = synthesize(backend, frames, args.out, args.n, prompts=prompts, backgrounds=backgrounds,
+                          seed=args.seed, indices=mine, resume=args.resume, min_consistency=args.min_consistency)
+    seconds = time.perf_counter() - start
+    state.wait_for_everyone()
+    if state.is_main_process:
+        records = read_jsonl(write_manifest(args.out, args.n))
+        kept = sum(r["kept"] for r in records)
+        scores = np.array([r["consistency"] for r in records], dtype=float)
+        print(f"synth: {len(records)}/{args.n} samples in {args.out} (backend {backend.name}); made {len(made)} "
+              f"now in {seconds:.1f} s ({seconds / max(len(made), 1):.2f} s/sample on this process)")
+        print(f"synth: consistency median {np.nanmedian(scores) if len(scores) else float('nan'):.2f}; "
+              f"kept {kept}/{len(records)} ({kept / max(len(records), 1):.0%}) at --min-consistency "
+              f"{args.min_consistency}")
     return 0
 
 
@@ -194,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights, batches and noise")
+    p.add_argument("--split-seed", type=int, default=None, help="the split's seed (default: --seed)")
     p.add_argument("--fold", type=int, default=None, help="k-fold cross-validation fold (ClinicDB, sequence-grouped)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--lambda-latent", type=float, default=None, help="lambda of Eq. 6 (0: noise loss only)")
@@ -203,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", action="append", help="folder of synthetic pairs added to training (repeatable)")
     p.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default=None)
     p.add_argument("--timestep-sampling", choices=["uniform", "fixed"], default=None)
-    p.add_argument("--t-infer", type=int, default=None)
+    p.add_argument("--t-infer", type=int, default=None, help="the single inference step's t (with --timestep-sampling uniform)")
+    p.add_argument("--fixed-timestep", type=int, default=None,
+                   help="train at this one t and query it there (sets --timestep-sampling fixed and --t-infer)")
     p.add_argument("--decoder-loss-weight", type=float, default=None, help="beyond the paper: loss on the decoded mask")
     p.add_argument("--decoder-loss-fraction", type=float, default=None, help="share of each batch the decoder loss sees")
     p.add_argument("--latent-loss", choices=["l1", "balanced_l1"], default=None,
@@ -248,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--random-init", default=None, choices=["tiny", "cpu", "full-random"], help="time an untrained architecture")
     p.add_argument("--image-size", type=int, default=None, help="with --random-init: input side")
+    p.add_argument("--train-step", default=None, choices=["tiny", "cpu", "full-random"],
+                   help="time training steps of SynDiff and the baseline at this profile instead (--repeats steps)")
     p.add_argument("--steps", default="1,50,100")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -257,14 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = verbs.add_parser("synth", help="make synthetic polyp frames (SDXL inpainting or copy-paste)")
-    try:
-        from .synthesis import add_synth_arguments, synth_command
+    p = verbs.add_parser("experiment", help="the paper's tables as grids of cells: run, status, report")
+    p.add_argument("action", choices=["run", "status", "report"])
+    p.add_argument("grid", help="table1, table2, table3, noise or smoke (experiments.GRIDS)")
+    _add_data(p)
+    p.add_argument("--out", required=True, help="grid folder: cells/<row>/fold<k>-seed<s>/, synthetic/")
+    p.add_argument("--syndiff-steps", type=int, default=None, help="steps per SynDiff cell (default: GridBudget's)")
+    p.add_argument("--baseline-steps", type=int, default=None, help="steps per baseline cell (default: GridBudget's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_experiment)
 
-        add_synth_arguments(p)
-        p.set_defaults(func=synth_command)
-    except ImportError as err:  # pragma: no cover
-        p.set_defaults(func=lambda args: _fail(f"synth is unavailable: {err}"))
+    p = verbs.add_parser("synth", help="make synthetic polyp frames (SDXL inpainting or copy-paste)")
+    add_synth_arguments(p)
+    p.set_defaults(func=cmd_synth)
     return parser
 
 
@@ -276,17 +425,11 @@ def _fail(message: str) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
+    from .train import TrainingError
 
-    known = (DataError, ValueError, FileNotFoundError)
-    try:
-        from .train import TrainingError
-
-        known += (TrainingError,)
-    except ImportError:  # pragma: no cover
-        pass
     try:
         return args.func(args)
-    except known as err:
+    except (DataError, ValueError, FileNotFoundError, TrainingError) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
         return _fail("interrupted")

@@ -12,28 +12,26 @@ And two recipes for the diffusion part (see :data:`RECIPES`):
 
 - ``paper``: exactly the paper: epsilon-prediction, t ~ U{1..1000}, loss L1(noise) +
   lambda * L1(latent), single step at t = 50 from pure noise.
-- ``default``: what works at small scale, each change measured on a validation split
-  (CVC-ClinicDB, PraNet split, seed 0; the numbers are in the recipe issue's closing note
-  and in book/single-step.md): the U-Net predicts the mask latent z_0 directly ("sample"
-  prediction) at one fixed, high timestep t = 999 in training and inference (tiny profile,
-  equal 2-minute budgets: val Dice 0.130 for the paper recipe -> 0.748); Eq. 5's latent L1
-  with each image's polyp and background latent cells weighing half each
-  (``latent_loss="balanced_l1"``; cpu profile, same cost per step: val Dice at step 400
-  0.264 -> 0.676, and the model fits its training frames instead of missing the smaller
-  polyps); mask latents at unit variance; lr 5e-4 with a cosine decay over the time budget.
-  An extra loss on the decoded mask D(z~_0) (``decoder_loss_weight``, E2E-FT style) is
-  available but off: its steps cost ~2.2x (half the batch: ~1.6x) and it lost at equal
-  wall-clock time.
+- ``default``: what works at small scale, each change measured on a validation split (the
+  measurements are in the book, book/single-step.md and notebooks 04-06): the U-Net predicts
+  the mask latent z_0 directly ("sample" prediction) at one fixed, high timestep t = 999 in
+  training and inference; Eq. 5's latent L1 with each image's polyp and background latent
+  cells weighing half each (``latent_loss="balanced_l1"``, so a small polyp is not drowned
+  by the background); mask latents at unit variance; lr 5e-4 with a cosine decay over the
+  budget. An extra loss on the decoded mask D(z~_0) (``decoder_loss_weight``, E2E-FT style)
+  is available but off: its steps are dearer and it lost at an equal wall-clock budget.
 
 Beside the recipe, the ``cpu`` profile keeps an exponential moving average of the trainable
 weights (``TrainConfig.ema_decay``, the baseline gets the same): every validation scores the
 raw and the averaged weights and the better one on validation is kept, so the log says what
-the average bought (published cpu run: the average scored higher at 12 of 16 validations,
-mean val Dice 0.794 against 0.767). With the whole two cores for 45 minutes (3044 steps) the
-default reaches test Dice 0.755 on the PraNet split, the baseline 0.719 (book/single-step.md).
+the average bought.
 
 At the ``cpu`` profile the autoencoder gets a second, cached training stage
 (``mask_decoder_steps``): D alone, on whole training masks, with L1 + soft Dice.
+
+:func:`check_profile` refuses settings that contradict each other, and
+:func:`describe_recipe` names a recipe with every field changed from its named one, so a
+run's ``results.json`` says what was trained.
 """
 
 from __future__ import annotations
@@ -54,7 +52,7 @@ class AutoencoderConfig:
     norm_num_groups: int = 32  # GroupNorm groups; must divide every block width
     latent_channels: int = 4  # as in SD: z in R^{h x w x 4}
     # Training it ourselves (only when `pretrained` is None: nothing can be downloaded offline).
-    train_steps: int = 3000  # optimisation steps on images and masks (cpu: ~38 min on 1 core, once: it is cached)
+    train_steps: int = 3000  # optimisation steps on images and masks (once per data and config: it is cached)
     train_minutes: float = 60.0  # a safety cap on wall-clock time; the step count is what defines the model
     batch_size: int = 8
     crop_size: int = 64  # random crops: the autoencoder is fully convolutional
@@ -67,6 +65,9 @@ class AutoencoderConfig:
     # however small its polyp); E, and so every z_0, stays as it was. 0 steps = skip.
     mask_decoder_steps: int = 0
     mask_decoder_lr: float = 1e-4
+    # Its own seed, not the run's: trainings with other seeds share one autoencoder, as runs
+    # at the `full` scale share SD's pretrained VAE.
+    seed: int = 0
 
 
 @dataclass
@@ -95,7 +96,7 @@ class DiffusionConfig:
     rescale_zero_terminal_snr: bool = False  # Lin et al. 2024: make alpha_bar_T = 0
     prediction_type: str = "sample"  # "epsilon" (paper), "sample" (z_0 directly) or "v_prediction"
     timestep_sampling: str = "fixed"  # "uniform" (paper: t ~ U{1..1000}) or "fixed" (always t = fixed_timestep)
-    fixed_timestep: int = 999  # used when timestep_sampling == "fixed"
+    fixed_timestep: int = 999  # used when timestep_sampling == "fixed"; t_infer must then be the same t
     lambda_latent: float = 1.0  # lambda in Eq. 6; 0 -> the paper's "noise loss only" ablation
     t_infer: int = 999  # the single inference timestep (paper: 50)
     decoder_loss_weight: float = 0.0  # not in the paper: soft Dice + L1 on D(z~_0) vs the mask (E2E-FT style); 0 = off
@@ -181,12 +182,11 @@ TINY = Profile(
     ),
 )
 
-# lr 5e-4, not the paper's 1e-5: a 32-minute budget is a few hundred steps (tiny probe on
-# CVC-ClinicDB, 300 steps: validation Dice 0.000 at lr 1e-4, 0.620 at 5e-4).
-# The mask decoder fine-tune (400 steps, lr 2e-4; ~16 min on one core, once: cached) lifts the
-# mask round trip from 0.984 to 0.992 Dice on validation (0.970 -> 0.985 on the test masks).
-# The budget is wall-clock (45 minutes, the same for the baseline); max_steps is set high so
-# that time, not a step count, ends the run on two cores. EMA of the weights: see TrainConfig.
+# lr 5e-4, not the paper's 1e-5: a CPU budget is a few thousand steps, not 100k, and at 1e-4
+# the model had not begun to segment by the end of a tiny run. The mask-decoder fine-tune
+# (once: cached) lifts the mask round trip, the ceiling of every Dice the segmenter can reach.
+# The budget is wall-clock (the same for the baseline); max_steps is set high so that time,
+# not a step count, ends the run on two cores. EMA of the weights: see TrainConfig.
 CPU = Profile(
     name="cpu",
     autoencoder=AutoencoderConfig(mask_decoder_steps=400, mask_decoder_lr=2e-4),
@@ -235,3 +235,53 @@ def get_profile(name: str, recipe: str | None = None) -> Profile:
             raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
         profile.diffusion = dataclasses.replace(RECIPES[recipe])
     return profile
+
+
+def check_profile(profile: Profile) -> None:
+    """Refuse settings that would be silently ignored or contradict each other (ValueError, one line)."""
+    d, t = profile.diffusion, profile.train
+    if d.timestep_sampling == "fixed" and d.t_infer != d.fixed_timestep:
+        raise ValueError(f"t_infer {d.t_infer} differs from the fixed training timestep {d.fixed_timestep}: a model "
+                         "trained at one t is queried there (use --fixed-timestep T, which sets both)")
+    for name, value in (("t_infer", d.t_infer), ("fixed_timestep", d.fixed_timestep)):
+        if not 0 <= value < d.num_train_timesteps:
+            raise ValueError(f"{name} must be in 0..{d.num_train_timesteps - 1}, got {value}")
+    if d.decoder_loss_weight == 0 and d.decoder_loss_fraction != 1.0:
+        raise ValueError("decoder_loss_fraction has no effect while decoder_loss_weight is 0")
+    if not 0 < d.decoder_loss_fraction <= 1:
+        raise ValueError(f"decoder_loss_fraction must be in (0, 1], got {d.decoder_loss_fraction}")
+    if d.lambda_latent < 0:
+        raise ValueError(f"lambda_latent must be >= 0, got {d.lambda_latent}")
+    for name in ("max_steps", "batch_size", "checkpoint_every", "val_every", "log_every"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(t, name)}")
+    if t.max_minutes <= 0 or t.lr <= 0:
+        raise ValueError(f"max_minutes and lr must be > 0, got {t.max_minutes} and {t.lr}")
+    if not 0 <= t.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {t.ema_decay}")
+
+
+def changed_fields(config, reference) -> dict:
+    """{field: value} of a config dataclass where it differs from ``reference`` (same class)."""
+    ours, theirs = dataclasses.asdict(config), dataclasses.asdict(reference)
+    return {k: v for k, v in ours.items() if theirs[k] != v and k != "recipe"}
+
+
+def describe_recipe(cfg: DiffusionConfig) -> str:
+    """The recipe's name, with every field changed from that named recipe: "default" or, say,
+    "default (lambda_latent=0.0)". results.json records it, so an override cannot hide."""
+    base = RECIPES.get(cfg.recipe)
+    changed = changed_fields(cfg, base) if base is not None else {}
+    return cfg.recipe + (" (" + ", ".join(f"{k}={v}" for k, v in changed.items()) + ")" if changed else "")
+
+
+def profile_overrides(profile: Profile) -> dict:
+    """Every field of ``profile`` that differs from the named profile it started from, as
+    {"train.max_steps": 600, ...} (the recipe's own fields are compared with the named recipe)."""
+    if profile.name not in PROFILES:
+        return {}
+    named = get_profile(profile.name, recipe=profile.diffusion.recipe if profile.diffusion.recipe in RECIPES else None)
+    out = {}
+    for part in ("autoencoder", "unet", "diffusion", "train"):
+        out |= {f"{part}.{k}": v for k, v in changed_fields(getattr(profile, part), getattr(named, part)).items()}
+    return out

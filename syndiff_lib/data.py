@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import urllib.request
-import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -41,8 +39,8 @@ MASK_THRESHOLD = 127  # a mask pixel is foreground when its grey value is > 127
 GREY_LOW, GREY_HIGH = 32, 223  # grey levels strictly between these are "neither black nor white"
 MAX_GREY_FRACTION = 0.05  # more such pixels than this -> "not a binary mask" (see check_dataset)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-KVASIR_URL = "https://datasets.simula.no/downloads/kvasir-seg.zip"
-KVASIR_SHA256: str | None = None  # no official checksum is published; None -> print it and warn
+TOY_SIZE = 64  # frames in the built-in toy dataset
+PUBLISHED_SPLIT_FILES = ("train.txt", "val.txt")  # a data set's own split (Kvasir-SEG ships these); val.txt is its test set
 
 # The PraNet test split of CVC-ClinicDB (Fan et al., MICCAI 2020): 62 frames; the other 550 train.
 PRANET_TEST_IDS: tuple[str, ...] = (
@@ -391,7 +389,7 @@ def _toy_sample(index: int, size: int, seed: int) -> Sample:
     return Sample(f"toy_{index:03d}", image, mask & visible, source="toy")
 
 
-def make_toy_dataset(n: int = 64, size: int = 128, seed: int = 0) -> list[Sample]:
+def make_toy_dataset(n: int = TOY_SIZE, size: int = 128, seed: int = 0) -> list[Sample]:
     """A procedural, seeded, endoscopy-like dataset: n frames of size x size, one polyp each (notebook 01).
 
     Every toy mask holds exactly one polyp and is never empty (ClinicDB has no empty
@@ -402,7 +400,7 @@ def make_toy_dataset(n: int = 64, size: int = 128, seed: int = 0) -> list[Sample
     return [_toy_sample(i, size, seed) for i in range(n)]
 
 
-def write_toy_dataset(dest, n: int = 64, size: int = 128, seed: int = 0) -> Path:
+def write_toy_dataset(dest, n: int = TOY_SIZE, size: int = 128, seed: int = 0) -> Path:
     """Write the toy dataset as dest/images/<id>.png + dest/masks/<id>.png, usable as --data (notebook 01)."""
     dest = Path(dest)
     (dest / "images").mkdir(parents=True, exist_ok=True)
@@ -416,14 +414,17 @@ def write_toy_dataset(dest, n: int = 64, size: int = 128, seed: int = 0) -> Path
 # ----------------------------------------------------------------------------- Kvasir-SEG
 
 
-def _verify_and_unpack(archive, dest, sha256: str | None) -> Path:
-    """Check the archive's SHA-256, unpack it safely into dest, return the folder holding images/ and masks/."""
+def unpack_archive(archive, dest, sha256: str) -> Path:
+    """Check a downloaded archive's SHA-256, unpack it safely into dest, and return the folder
+    holding images/ and masks/ (notebook 01).
+
+    Nothing in this project downloads at run time: fetch the archive yourself (Kvasir-SEG is
+    at https://datasets.simula.no/kvasir-seg/) and pass the checksum you trust. Members that
+    would land outside dest (absolute paths, "..", links) are refused before anything is written.
+    """
     archive, dest = Path(archive), Path(dest)
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    if sha256 is None:
-        print(f"{archive.name} sha256 = {digest}")
-        warnings.warn(f"{archive.name}: no expected checksum given, the download is not verified")
-    elif digest != sha256.lower():
+    if digest != str(sha256).lower():
         raise DataError(f"{archive}: checksum mismatch, expected sha256 {sha256}, got {digest}")
     with zipfile.ZipFile(archive) as zf:
         unsafe = [
@@ -441,21 +442,6 @@ def _verify_and_unpack(archive, dest, sha256: str | None) -> Path:
         if folder.is_dir() and _child_dir(folder, "images") and _child_dir(folder, "masks"):
             return folder
     raise DataError(f"{archive}: no folder with images/ and masks/ inside the archive")
-
-
-def download_kvasir_seg(dest, url: str = KVASIR_URL, sha256: str | None = KVASIR_SHA256) -> Path:
-    """Download Kvasir-SEG (1000 polyp images) into dest; return the folder holding images/ and masks/ (notebook 01).
-
-    Needs internet. sha256=None prints the archive's checksum and warns instead of verifying.
-    An archive already in dest is reused.
-    """
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / Path(url).name
-    if not archive.exists():
-        print(f"downloading {url} -> {archive}")
-        urllib.request.urlretrieve(url, archive)
-    return _verify_and_unpack(archive, dest, sha256)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -568,13 +554,91 @@ def make_split(ids, scheme: str = "pranet", *, fold: int = 0, folds: int = 5, va
             "test": sorted(test, key=_natural_key)}
 
 
-def default_scheme(layout_or_root) -> str:
-    """"pranet" for a ClinicDB layout or folder, "random" for anything else, the toy set included (notebook 01)."""
-    if layout_or_root is None or str(layout_or_root) in ("toy", "kvasir", "folder"):
+SPLIT_SCHEMES = ("pranet", "kfold", "published", "random", "all")
+
+
+def is_toy(data) -> bool:
+    """True for the built-in toy dataset (``None`` or ``"toy"``)."""
+    return data is None or str(data) == "toy"
+
+
+def published_split(root) -> tuple[list[str], list[str]] | None:
+    """A data set's own (train ids, test ids) from ROOT/train.txt and ROOT/val.txt, or None.
+
+    Kvasir-SEG's authors published such a split (880 / 120); its ``val.txt`` is the held-out
+    test set by convention, so our validation frames are carved from ``train.txt``.
+    """
+    if is_toy(root) or not all((Path(root) / name).is_file() for name in PUBLISHED_SPLIT_FILES):
+        return None
+    train, test = ([line.strip() for line in (Path(root) / name).read_text().splitlines() if line.strip()]
+                   for name in PUBLISHED_SPLIT_FILES)
+    return train, test
+
+
+def default_scheme(data) -> str:
+    """The split a data set gets unless told otherwise (notebook 01): "pranet" for CVC-ClinicDB,
+    "published" for a folder with its own train.txt / val.txt (Kvasir-SEG), "random" for
+    anything else, the toy set included. Also accepts a layout name."""
+    if is_toy(data) or str(data) in ("kvasir", "folder"):
         return "random"
-    if str(layout_or_root) in ("clinicdb-png", "clinicdb-tiff"):
+    if str(data) in ("clinicdb-png", "clinicdb-tiff"):
         return "pranet"
-    return default_scheme(detect_layout(layout_or_root))
+    if published_split(data) is not None:
+        return "published"
+    return default_scheme(detect_layout(data))
+
+
+def dataset_ids(data) -> list[str]:
+    """The ids of a data set, sorted naturally, without reading any pixels."""
+    if is_toy(data):
+        return [f"toy_{i:03d}" for i in range(TOY_SIZE)]
+    return [id_ for id_, _, _ in find_pairs(data)]
+
+
+def build_split(data, *, scheme: str | None = None, fold: int | None = None, folds: int = 5, seed: int = 0,
+                val_fraction: float = 0.1) -> dict:
+    """THE split of a data set: train, evaluate, segment, synth, the experiments and the
+    notebooks all make theirs here, so that a fold means the same frames everywhere (notebook 01).
+
+    scheme None -> :func:`default_scheme`; ``fold=K`` -> "kfold" (sequence-grouped, CVC-ClinicDB).
+    "published": the data set's own train.txt / val.txt (test = val.txt; val carved from train).
+    "all": every frame is test (cross-dataset testing; nothing to train on).
+    The others are :func:`make_split`'s. Returns make_split's dict plus "data" (the folder or "toy").
+    """
+    if fold is not None:
+        if scheme not in (None, "kfold"):
+            raise ValueError(f"a fold is a part of the 'kfold' split, not of {scheme!r}")
+        scheme = "kfold"
+    scheme = scheme or default_scheme(data)
+    if scheme not in SPLIT_SCHEMES:
+        raise ValueError(f"unknown split scheme {scheme!r}; choose one of {', '.join(SPLIT_SCHEMES)}")
+    ids = dataset_ids(data)
+    if scheme == "kfold" and any(_clinicdb_frame(i) is None for i in ids):
+        raise ValueError(f"{data}: --fold needs CVC-ClinicDB (its video sequences define the folds)")
+    if scheme == "all":
+        split = {"scheme": "all", "seed": seed, "fold": None, "folds": None, "train": [], "val": [], "test": ids}
+    elif scheme == "published":
+        listed = published_split(data)
+        if listed is None:
+            raise ValueError(f"{data}: the 'published' split needs {' and '.join(PUBLISHED_SPLIT_FILES)} in the folder")
+        train, test = listed
+        unknown = sorted(set(train + test) - set(ids), key=_natural_key)
+        if unknown:
+            raise DataError(f"{data}: {len(unknown)} ids of {'/'.join(PUBLISHED_SPLIT_FILES)} have no image/mask pair, "
+                            f"e.g. {', '.join(unknown[:5])}")
+        val, train = _carve(sorted(train, key=_natural_key), {i: i for i in train}, val_fraction, np.random.default_rng(seed))
+        split = {"scheme": "published", "seed": seed, "fold": None, "folds": None,
+                 "train": train, "val": val, "test": sorted(test, key=_natural_key)}
+    else:
+        split = make_split(ids, scheme, fold=fold or 0, folds=folds, seed=seed, val_fraction=val_fraction)
+    return split | {"data": "toy" if is_toy(data) else str(data)}
+
+
+def same_data(a, b) -> bool:
+    """True when two ``data`` values name the same data set (the toy set, or one folder)."""
+    if is_toy(a) or is_toy(b):
+        return is_toy(a) and is_toy(b)
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def save_split(split: dict, path) -> Path:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from .config import DiffusionConfig
+from .autoencoder import decoder_loss
 from .unet import unet_forward
 
 MIN_SQRT_ALPHA_BAR = 1e-3
@@ -98,19 +99,6 @@ def sample_timesteps(cfg: DiffusionConfig, batch_size: int, generator: torch.Gen
     else:
         raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}")
     return t.to(device)
-
-
-def decoder_loss(vae, mask_latent_pred, mask) -> torch.Tensor:
-    """Not in the paper: a pixel-space loss through the frozen decoder D (as in E2E-FT).
-
-    x = mean over channels of D(z~_0 / s), nominally in [-1, 1]; loss = L1(x, 2X - 1) +
-    (1 - soft Dice of (x + 1) / 2 against X). Gradients flow through D into the U-Net.
-    """
-    x = vae.decode(mask_latent_pred.to(vae.dtype) / vae.config.scaling_factor).sample.float().mean(1, keepdim=True)  # [B, 1, H, W]
-    target = mask.float()  # [B, 1, H, W] in {0, 1}
-    prob = ((x + 1) / 2).clamp(0, 1)
-    dice = (2 * (prob * target).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
-    return F.l1_loss(x, target * 2 - 1) + (1 - dice).mean()
 
 
 def balanced_l1(mask_latent_pred, mask_latent, mask) -> torch.Tensor:

@@ -22,9 +22,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2D
 from .autoencoder import ImageEncoder, build_autoencoder, decode_mask
 from .config import Profile
 from .diffusion import make_scheduler, multi_step, single_step
+from .metrics import DEFAULT_NSD_TOLERANCE_PX, segmentation_metrics, summarize
 from .unet import build_unet
 
 CONFIG_NAME = "syndiff_config.json"
+BASELINE_CONFIG = "baseline_config.json"
 
 
 @dataclass
@@ -49,7 +51,7 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [H, W, 3] RGB arrays, got {image.dtype} {image.shape}")
-        x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 127.5 - 1  # [1, 3, H, W]
+        x = torch.from_numpy(image.copy()).permute(2, 0, 1).float()[None] / 127.5 - 1  # [1, 3, H, W] (a copy: read-only arrays too)
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         tensors.append(x)
@@ -181,6 +183,9 @@ class SynDiffPipeline:
             images = [images]
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        T = self.scheduler.config.num_train_timesteps
+        if t_infer is not None and not 0 <= t_infer < T:
+            raise ValueError(f"t_infer must be in 0..{T - 1}, got {t_infer}")
         if output_size not in ("input", "model"):
             raise ValueError(f"output_size must be 'input' or 'model', got {output_size!r}")
         size = self.profile.train.image_size
@@ -194,30 +199,81 @@ class SynDiffPipeline:
         return soft_maps_to_output(images, torch.cat(soft_maps), output_size, threshold)
 
 
+class BaselinePipeline:
+    """The pixel-space baseline's model (baseline.py) with the same output as SynDiffPipeline:
+    images in, SynDiffOutput out, so evaluate, segment and the notebooks treat both alike.
+    It has no diffusion, so no steps, timestep or noise to choose."""
+
+    def __init__(self, unet: UNet2DModel, profile: Profile):
+        self.unet, self.profile = unet.eval(), profile
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device=None, dtype=None) -> "BaselinePipeline":
+        self.unet.to(device=device, dtype=dtype)
+        return self
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet")
+        (directory / BASELINE_CONFIG).write_text(json.dumps(self.profile.to_dict(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "BaselinePipeline":
+        path = find_saved_model(path, BASELINE_CONFIG, kind="baseline")
+        profile = Profile.from_dict(json.loads((path / BASELINE_CONFIG).read_text()))
+        return cls(UNet2DModel.from_pretrained(path / "unet"), profile).to(device, dtype)
+
+    @torch.no_grad()
+    def __call__(self, images, threshold: float = 0.5, batch_size: int = 16, output_size: str = "input") -> SynDiffOutput:
+        """Segment uint8 RGB images: sigmoid of the U-Net's logits, thresholded."""
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = [images]
+        if output_size not in ("input", "model"):
+            raise ValueError(f"output_size must be 'input' or 'model', got {output_size!r}")
+        size = self.profile.train.image_size
+        soft = []
+        for start in range(0, len(images), batch_size):
+            pixels = images_to_tensor(images[start : start + batch_size], size).to(self.device, self.unet.dtype)
+            soft.append(self.unet(pixels, 0).sample.sigmoid().float().cpu())  # [b, 1, S, S]
+        return soft_maps_to_output(images, torch.cat(soft), output_size, threshold)
+
+
+def segment(pipe, images, num_inference_steps: int = 1, t_infer: int | None = None, seed: int = 0,
+            output_size: str = "input") -> SynDiffOutput:
+    """Run either pipeline on images: SynDiff with its steps, timestep and noise seed; the
+    baseline, which has none of them, refuses any but the defaults instead of ignoring them."""
+    if isinstance(pipe, BaselinePipeline):
+        if num_inference_steps != 1 or t_infer is not None:
+            raise ValueError("the baseline has no diffusion: --steps and --t-infer apply to SynDiff runs only")
+        return pipe(images, output_size=output_size)
+    return pipe(images, num_inference_steps, t_infer, torch.Generator().manual_seed(seed), output_size=output_size)
+
+
 def evaluate(
-    pipe: SynDiffPipeline,
+    pipe,
     samples,
     num_inference_steps: int = 1,
     t_infer: int | None = None,
     seed: int = 0,
     nsd_tolerance_px: float | None = None,
 ) -> tuple[dict, dict]:
-    """Dice, IoU, HD95 and NSD of ``pipe`` on ``samples`` (at the samples' resolution).
+    """Dice, IoU, HD95 and NSD of ``pipe`` (SynDiff or baseline) on ``samples`` (at the samples' resolution).
 
     Returns (summary, per_image): summary has the means, *_std and n (see metrics.summarize).
     """
-    from .metrics import DEFAULT_NSD_TOLERANCE_PX, segmentation_metrics, summarize
-
-    generator = torch.Generator().manual_seed(seed)
-    out = pipe([s.image for s in samples], num_inference_steps, t_infer, generator, output_size="input")
+    out = segment(pipe, [s.image for s in samples], num_inference_steps, t_infer, seed, output_size="input")
     preds = np.stack(out.masks)  # [N, H, W]
     targets = np.stack([s.mask for s in samples])  # [N, H, W]
     tolerance = DEFAULT_NSD_TOLERANCE_PX if nsd_tolerance_px is None else nsd_tolerance_px
     per_image = segmentation_metrics(preds, targets, nsd_tolerance_px=tolerance)
     per_image["id"] = np.array([s.id for s in samples])
     summary = summarize({k: v for k, v in per_image.items() if k != "id"})
-    summary.update(nsd_tolerance_px=tolerance, steps=num_inference_steps,
-                   t_infer=pipe.profile.diffusion.t_infer if t_infer is None else t_infer, seed=seed)
+    summary.update(nsd_tolerance_px=tolerance, seed=seed)
+    if isinstance(pipe, SynDiffPipeline):
+        summary.update(steps=num_inference_steps, t_infer=pipe.profile.diffusion.t_infer if t_infer is None else t_infer)
     return summary, per_image
 
 
@@ -225,8 +281,6 @@ def load_pipeline(path, device="cpu", dtype=torch.float32):
     """A trained run's model, whichever kind it is: SynDiff or the pixel-space baseline."""
     path = Path(path)
     for folder in (path / "pipeline", path):
-        if (folder / "baseline_config.json").exists():
-            from .baseline import BaselinePipeline
-
+        if (folder / BASELINE_CONFIG).exists():
             return BaselinePipeline.from_pretrained(folder, device, dtype)
     return SynDiffPipeline.from_pretrained(path, device, dtype)

@@ -26,27 +26,23 @@ practice, a GPU) and `CopyPasteBackend` (offline, CPU: Poisson-blends the source
 Every sample's manifest line names the backend that made it.
 
 Arrays are numpy, channels last: image uint8 [H, W, 3] RGB, mask bool [H, W]. Test-split frames
-are never used: backgrounds and mask sources come from the "train" list of data.make_split.
+are never used: backgrounds and mask sources come from the "train" list of data.build_split.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from accelerate import PartialState
 from PIL import Image
 
-from . import viz
-from .data import IMAGE_SUFFIXES, Sample, default_scheme, load_dataset, make_split, read_image, read_mask
+from .data import IMAGE_SUFFIXES, Sample, build_split, load_dataset, read_image
 
 PROMPT_BANK = Path(__file__).parent / "prompts.jsonl"  # 50 prompts, one JSON object per line
 NEGATIVE_PROMPT = "smooth healthy tissue, normal colon wall"  # paper Sec. 4.2
@@ -54,15 +50,15 @@ PARIS_CLASSES = {"0-Ip": "pedunculated", "0-Is": "sessile", "0-IIa": "flat eleva
                  "0-IIc": "depressed"}
 # An endoscope frame has no fixed mm-per-pixel scale, so a size class is a band of the polyp's
 # equivalent diameter (diameter of the disc of equal area) as a fraction of the frame's short
-# side. CVC-ClinicDB's annotations span 0.15-0.63 (5th-95th percentile), median 0.34.
+# side; the bands cover the spread of CVC-ClinicDB's own annotations (notebook 02 shows it).
 SIZE_CLASSES = {
     "diminutive": (0.10, 0.18),  # < 5 mm
     "small": (0.18, 0.28),  # 6-9 mm
     "large": (0.28, 0.42),  # >= 10 mm; capped so a second polyp still fits beside the first
 }
-ELONGATED_BELOW = 0.6  # axis ratio under this = elongated (head + stalk); ClinicDB's median is 0.65
+ELONGATED_BELOW = 0.6  # axis ratio under this = elongated (head + stalk); most annotated polyps are rounder
 NEAREST_SOURCES = 8  # a mask source is drawn among the 8 whose size is nearest the target: little resampling
-DARK_LEVEL = 30  # max(R, G, B) at or below this is the black border (ClinicDB's border is ~11)
+DARK_LEVEL = 30  # max(R, G, B) at or below this is the black border (well above its dark grey, well below tissue)
 LUMEN_LEVEL = 40  # darker than this inside the field of view is the lumen: no polyp there
 BORDER_MARGIN = 0.05  # keep this fraction of the short side between a polyp and the field-of-view edge
 POLYP_GAP = 0.04  # ... and between the new polyp and the lumen or an existing polyp
@@ -413,41 +409,20 @@ def consistency_score(before: np.ndarray, after: np.ndarray, mask: np.ndarray,
     return float("nan") if union == 0 else np.count_nonzero(changed & mask) / union
 
 
-def traditional_augment(image: np.ndarray, mask: np.ndarray, generator: torch.Generator,
-                        max_angle: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's "traditional" augmentation (Table 3): random flips and a small rotation.
-
-    Horizontal and vertical flips with probability 1/2 each, then a rotation by an angle uniform
-    in [-max_angle, max_angle] degrees about the centre; the corners it uncovers are black like
-    the endoscope's border. Image bilinear, mask nearest, so the pair stays aligned (notebook 02).
-    """
-    flip_x, flip_y, turn = torch.rand(3, generator=generator).tolist()
-    if flip_x < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    if flip_y < 0.5:
-        image, mask = image[::-1], mask[::-1]
-    height, width = mask.shape
-    rotation = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), (2 * turn - 1) * max_angle, 1.0)
-    image = cv2.warpAffine(np.ascontiguousarray(image), rotation, (width, height), flags=cv2.INTER_LINEAR)
-    mask = cv2.warpAffine(np.ascontiguousarray(mask, dtype=np.uint8), rotation, (width, height),
-                          flags=cv2.INTER_NEAREST) > 0
-    return image, mask
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
-def training_frames(data, fold: int = 0, split_seed: int = 0) -> list[Sample]:
-    """The training frames of a data set: mask sources and default backgrounds (notebook 02).
+def training_frames(data, fold: int | None = None, folds: int = 5, split_seed: int = 0) -> tuple[list[Sample], dict]:
+    """The training frames of a data set, the mask sources and default backgrounds, and the
+    split they come from (notebook 02).
 
-    Split with data.make_split and the data set's default scheme ("pranet" for ClinicDB); only
-    the "train" list is kept, so no test (or validation) frame ever shapes a synthetic sample.
-    Use the ``--seed`` of the training run as ``split_seed``: the split depends on it.
+    The split is data.build_split's, the one ``syndiff train`` makes with the same ``--fold``,
+    ``--folds`` and ``--seed`` (= ``split_seed``); only its "train" list is kept, so no test or
+    validation frame ever shapes a synthetic sample. ``syndiff synth`` saves the split beside
+    the samples, and ``syndiff train --synthetic`` refuses samples made from another split.
     """
-    samples = load_dataset(data)
-    split = make_split([s.id for s in samples], default_scheme(data), fold=fold, seed=split_seed)
-    train = set(split["train"])
-    return [s for s in samples if s.id in train]
+    split = build_split(data, fold=fold, folds=folds, seed=split_seed)
+    return load_dataset(data, ids=split["train"]), split
 
 
 def load_backgrounds(folder) -> list[Sample]:
@@ -574,93 +549,5 @@ def write_manifest(out_dir, n: int) -> Path:
 
 def read_manifest(out_dir) -> list[dict]:
     """The records of out_dir/manifest.jsonl, one dict per sample (notebook 02)."""
-    return viz.read_jsonl(Path(out_dir) / "manifest.jsonl")
-
-
-def fig2_grid(out_dir, n: int = 8, ncols: int = 4, rejected: bool = False) -> "viz.Figure":
-    """The paper's Fig. 2: rows of synthetic frames, each over a row of their masks (notebook 02).
-
-    Shows the first n kept samples of out_dir's manifest (rejected=True: the rejected ones).
-    """
-    records = [r for r in read_manifest(out_dir) if r["kept"] != rejected]
-    if not records:
-        raise ValueError(f"{out_dir}/manifest.jsonl lists no {'rejected' if rejected else 'kept'} samples")
-    ncols = max(1, min(ncols, n, len(records)))
-    records = records[:min(n, len(records)) // ncols * ncols]  # whole rows only: each mask sits under its frame
-    panels, titles = [], []
-    for start in range(0, len(records), ncols):
-        row = records[start:start + ncols]
-        panels += [read_image(Path(out_dir) / r["image"]) for r in row]
-        titles += [f"{r['prompt_id']} {r['attributes']['size']} {r['attributes']['morphology']}" for r in row]
-        panels += [read_mask(Path(out_dir) / r["mask"]) for r in row]
-        titles += [f"{r['backend']}, consistency {r['consistency']:.2f}" for r in row]
-    return viz.show_grid(panels, titles, ncols=ncols)
-
-
-# ----------------------------------------------------------------------------- `syndiff synth`
-
-
-def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `syndiff synth` (notebook 02)."""
-    parser.add_argument("--backend", choices=("copy-paste", "sdxl"), default="copy-paste",
-                        help="sdxl: the paper's text-guided inpainting (downloads ~7 GB of weights, wants a GPU); "
-                             "copy-paste: offline Poisson blending of real training polyps")
-    parser.add_argument("--data", required=True, help='data set folder ("toy" for the toy set): its TRAINING '
-                        "frames give the mask sources and, without --backgrounds, the backgrounds")
-    parser.add_argument("--out", required=True, help="output folder: images/, masks/, manifest.jsonl")
-    parser.add_argument("--n", type=int, default=100, help="number of samples (paper: 100)")
-    parser.add_argument("--prompts", default=None, help="JSON Lines prompt file (default: the bundled 50-prompt bank)")
-    parser.add_argument("--backgrounds", default=None, help="folder of polyp-free frames (default: training frames, "
-                        "the new polyp placed away from the existing one, label = union of both masks)")
-    parser.add_argument("--seed", type=int, default=0, help="sample i depends on (seed, i) only")
-    parser.add_argument("--resume", action="store_true", help="continue a killed run: skip finished samples")
-    parser.add_argument("--min-consistency", type=float, default=0.0,
-                        help="move samples whose consistency score is below this to rejected/ (0: keep all)")
-    parser.add_argument("--split-seed", type=int, default=0, help="the --seed of the training run: the split depends on it")
-    parser.add_argument("--fold", type=int, default=0, help="fold of the data set's split (kfold data sets)")
-    parser.add_argument("--model-id", default=SDXL_INPAINT_MODEL_ID, help="sdxl: hub id or local folder")
-    parser.add_argument("--revision", default=SDXL_INPAINT_REVISION, help="sdxl: commit of --model-id")
-    parser.add_argument("--steps", type=int, default=20, help="sdxl: denoising steps")
-    parser.add_argument("--guidance", type=float, default=8.0, help="sdxl: classifier-free guidance scale")
-    parser.add_argument("--strength", type=float, default=0.99, help="sdxl: how much noise the mask region gets")
-    parser.add_argument("--resolution", type=int, default=1024, help="sdxl: working size of the long side")
-    parser.add_argument("--padding-mask-crop", type=int, default=None,
-                        help="sdxl: inpaint only the mask's box grown by this many px (helps small polyps)")
-    parser.add_argument("--negative-prompt", default=None, help="sdxl: replaces every prompt's negative prompt")
-    parser.add_argument("--fp16", action="store_true", help="sdxl: fp16 weights and compute (GPU)")
-    parser.add_argument("--cpu-offload", action="store_true", help="sdxl: keep sub-models on the CPU until they run")
-    parser.add_argument("--device", default=None, help="sdxl: torch device (default: accelerate's device for "
-                        "this process)")
-
-
-def synth_command(args: argparse.Namespace) -> int:
-    """Run `syndiff synth`; under `accelerate launch` the processes share the samples (notebook 02)."""
-    if args.n <= 0:
-        raise SynthesisError(f"--n must be a positive number of samples, got {args.n}")
-    prompts = load_prompts(args.prompts)
-    backgrounds = None if args.backgrounds is None else load_backgrounds(args.backgrounds)
-    frames = training_frames(args.data, fold=args.fold, split_seed=args.split_seed)
-    state = PartialState(cpu=args.backend == "copy-paste" or args.device == "cpu")  # cpu: CPU processes share too
-    if args.backend == "sdxl":
-        backend = SDXLInpaintBackend(
-            model_id=args.model_id, revision=args.revision, device=args.device or state.device, fp16=args.fp16,
-            cpu_offload=args.cpu_offload, steps=args.steps, guidance=args.guidance, strength=args.strength,
-            resolution=args.resolution, padding_mask_crop=args.padding_mask_crop, negative_prompt=args.negative_prompt)
-    else:
-        backend = CopyPasteBackend()
-    start = time.perf_counter()
-    with state.split_between_processes(list(range(args.n))) as mine:
-        made = synthesize(backend, frames, args.out, args.n, prompts=prompts, backgrounds=backgrounds,
-                          seed=args.seed, indices=mine, resume=args.resume, min_consistency=args.min_consistency)
-    seconds = time.perf_counter() - start
-    state.wait_for_everyone()
-    if state.is_main_process:
-        records = viz.read_jsonl(write_manifest(args.out, args.n))
-        kept = sum(r["kept"] for r in records)
-        scores = np.array([r["consistency"] for r in records], dtype=float)
-        print(f"synth: {len(records)}/{args.n} samples in {args.out} (backend {backend.name}); made {len(made)} "
-              f"now in {seconds:.1f} s ({seconds / max(len(made), 1):.2f} s/sample on this process)")
-        print(f"synth: consistency median {np.nanmedian(scores) if len(scores) else float('nan'):.2f}; "
-              f"kept {kept}/{len(records)} ({kept / max(len(records), 1):.0%}) at --min-consistency "
-              f"{args.min_consistency}")
-    return 0
+    lines = (Path(out_dir) / "manifest.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -1,4 +1,4 @@
-"""A tiny StableDiffusionXLInpaintPipeline built from configs: no download, ~1 s on a CPU.
+"""A tiny StableDiffusionXLInpaintPipeline built from configs: no download, quick on a CPU.
 
 For tests, and for notebook 02, which runs the SDXL code path with it where the real weights
 cannot be downloaded (offline, or a CPU-only laptop). Random weights: it paints noise.

@@ -1,56 +1,66 @@
-"""Training: the frozen autoencoder first, then the segmenter with accelerate.
+"""Training: one loop for both models, the SynDiff segmenter and the pixel-space baseline.
 
 Taught in notebook 04 (training). One call, :func:`train`, does a whole run:
 
-1. Load and check the data, make the split (saved as ``split.json``; test is never touched).
-2. The frozen autoencoder (E, D): pretrained (``full``) or trained here on the training
-   images and masks (``tiny``/``cpu``), cached under ``$SYNDIFF_CACHE`` (default
+1. Load and check the data, make the split (``data.build_split``, saved as ``split.json``;
+   test is never touched). The run folder must be new, empty, or hold only a prepared ``vae/``.
+2. SynDiff only: the frozen autoencoder (E, D), pretrained (``full``) or trained here on the
+   training images and masks (``tiny``/``cpu``), cached under ``$SYNDIFF_CACHE`` (default
    ``~/.cache/syndiff``) so runs with the same data and config share it.
-3. The segmenter: E_phi (initialised from E) and the U-Net, AdamW, the dual loss of Eq. 6.
-   accelerate handles devices, mixed precision and several GPUs (``accelerate launch``).
-4. Every ``val_every`` steps: validation Dice; the best model so far is written to
-   ``RUN_DIR/pipeline`` (model selection on validation only).
-5. Every ``checkpoint_every`` steps: a resumable checkpoint (safetensors only: models,
-   optimizer, learning-rate schedule, step, RNG state), written to a temporary folder and
-   then renamed, so a kill during a save never spoils the last good checkpoint.
-6. With ``ema_decay`` > 0 (the ``cpu`` profile), an exponential moving average of the
-   weights is kept beside them; each validation scores both, and the better one is kept.
+3. The model as a :class:`Trainee`: its modules, its trainable parameters, its loss on a
+   batch, and the pipeline that scores it. SynDiff: E_phi (initialised from E) and the U-Net
+   with the dual loss of Eq. 6; the baseline: a pixel U-Net with BCE + soft Dice.
+4. The shared loop, :func:`fit`: AdamW, a cosine learning rate over the step or wall-clock
+   budget (whichever ends first), accelerate for devices, mixed precision and several GPUs.
+   Every ``val_every`` steps: validation Dice (of the raw and, with ``ema_decay`` > 0, the
+   averaged weights); the best model so far is written to ``RUN_DIR/pipeline`` (model
+   selection on validation only). Every ``checkpoint_every`` steps: a resumable checkpoint
+   (safetensors only: models, optimizer, learning-rate schedule, step, RNG state, EMA).
+   Both are written to a temporary folder and then renamed, so a kill during a save never
+   spoils the last good copy. A loss that is not finite stops the run with a message.
+
+Equal budgets: the baseline trains under the same profile as the SynDiff run it is compared
+with (the same step cap and the same wall-clock budget), so ``syndiff train --model baseline``
+and notebook 04 give it the same budget by construction.
 
 Run folder::
 
-    RUN_DIR/split.json  log.jsonl  results.json  vae/  pipeline/  checkpoint/
+    RUN_DIR/profile.json  split.json  log.jsonl  results.json  vae/  pipeline/  checkpoint/
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from .autoencoder import (
-    ImageEncoder, build_autoencoder, encode_mask, finetune_mask_decoder, mask_round_trip_dice, train_autoencoder,
-)
-from .config import Profile
+from .augment import augment_batch
+from .autoencoder import ImageEncoder, encode_mask, get_autoencoder, mask_round_trip_dice
+from .baseline import bce_dice_loss, build_baseline_unet
+from .checkpoint import find_checkpoint, load_checkpoint, replace_folder, save_checkpoint
+from .config import Profile, check_profile, describe_recipe, profile_overrides
 from .diffusion import make_scheduler, training_loss
 from .metrics import dice_score
-from .pipeline import SynDiffPipeline
+from .pipeline import BaselinePipeline, SynDiffPipeline
 from .unet import build_unet
+
+MODELS = ("syndiff", "baseline")
 
 
 def log_line(message: str) -> None:
@@ -70,23 +80,37 @@ def samples_to_tensors(samples) -> tuple[torch.Tensor, torch.Tensor]:
     return images, masks
 
 
+def check_synthetic_source(folder, split: dict) -> None:
+    """Refuse a synthetic folder made from frames this run validates or tests on.
+
+    ``syndiff synth`` writes the split whose training frames it drew from (FOLDER/split.json).
+    On the same data, those training frames must all be training frames of this run too:
+    otherwise a synthetic polyp or background would carry a held-out frame into training.
+    """
+    source = Path(folder) / "split.json"
+    if not source.exists():
+        return
+    theirs = data_lib.load_split(source)
+    if not data_lib.same_data(theirs.get("data"), split["data"]):
+        return
+    leaked = sorted(set(theirs["train"]) - set(split["train"]), key=data_lib._natural_key)
+    if leaked:
+        raise ValueError(f"{folder} was made from {len(leaked)} frames that this run holds out (e.g. {', '.join(leaked[:5])}); "
+                         f"make it with `syndiff synth` on this split (--fold {split.get('fold')} --split-seed {split.get('seed')})")
+
+
 def prepare_data(data, image_size: int, seed: int = 0, fold: int | None = None, folds: int = 5, synthetic=()):
     """Load + check the data and split it. Returns (train_samples, val_samples, split dict).
 
     ``data`` is a folder (CVC-ClinicDB, Kvasir-SEG or image/mask pairs) or None/"toy" for
-    the built-in toy dataset. Synthetic folders are added to the training split only.
+    the built-in toy dataset. Synthetic folders are added to the training split only, after
+    :func:`check_synthetic_source` has made sure they were made from this split's training frames.
     """
+    split = data_lib.build_split(data, fold=fold, folds=folds, seed=seed)
+    for folder in synthetic:
+        check_synthetic_source(folder, split)
     samples = data_lib.load_dataset(data, size=image_size)
     by_id = {s.id: s for s in samples}
-    ids = list(by_id)
-    is_toy = data is None or str(data) == "toy"
-    scheme = "random" if is_toy else data_lib.default_scheme(data)
-    if fold is not None:
-        if scheme != "pranet":
-            raise ValueError("--fold needs CVC-ClinicDB (its video sequences define the folds)")
-        scheme = "kfold"
-    split = data_lib.make_split(ids, scheme, fold=fold or 0, folds=folds, seed=seed)
-    split["data"] = "toy" if is_toy else str(data)
     train_samples = [by_id[i] for i in split["train"]]
     val_samples = [by_id[i] for i in split["val"]]
     split["synthetic"] = []
@@ -100,100 +124,9 @@ def prepare_data(data, image_size: int, seed: int = 0, fold: int | None = None, 
 
 
 def random_batch(images, masks, batch_size: int, generator: torch.Generator, flip: bool, rotate: bool = False):
-    """A random batch with optional random flips, and optionally the paper's "traditional"
-    augmentation (flips + a small rotation, synthesis.traditional_augment), the same for
-    image and mask."""
+    """A random batch [B, 3, S, S], [B, 1, S, S], augmented as the config asks (augment.py)."""
     idx = torch.randint(len(images), (batch_size,), generator=generator)
-    x, y = images[idx], masks[idx]  # [B, 3, S, S], [B, 1, S, S]
-    if rotate:
-        from .synthesis import traditional_augment
-
-        for i in range(batch_size):
-            image = ((x[i].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # [S, S, 3]
-            image, mask = traditional_augment(image, y[i, 0].bool().numpy(), generator)
-            x[i] = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1
-            y[i, 0] = torch.from_numpy(mask.copy()).float()
-    elif flip:
-        for dim in (2, 3):
-            do = torch.rand(batch_size, generator=generator) < 0.5
-            x[do], y[do] = x[do].flip(dim), y[do].flip(dim)
-    return x, y
-
-
-# --- the frozen autoencoder --------------------------------------------------------------
-MASK_DECODER_FIELDS = ("mask_decoder_steps", "mask_decoder_lr")  # the second stage: keyed on its own
-
-
-def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int, stage: str = "autoencoder") -> str:
-    """The cache key of the trained (E, D) ("autoencoder") or of it after the mask-decoder
-    fine-tune ("mask_decoder"); the first stage's key ignores the second stage's settings,
-    so changing those reuses the cached first stage."""
-    cfg = dict(profile.autoencoder.__dict__)
-    if stage == "autoencoder":
-        cfg = {k: v for k, v in cfg.items() if k not in MASK_DECODER_FIELDS}
-    where = str(data) if str(data) == "toy" else str(Path(data).resolve())  # one key whatever the working folder
-    blob = json.dumps([cfg, profile.train.image_size, sorted(train_ids), where, seed], default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: Path, seed: int, log=log_line) -> AutoencoderKL:
-    """The frozen (E, D): from the run folder, the cache, the hub (``full``), or trained now.
-
-    Trained here in two cached stages: (E, D) on crops of images and masks
-    (:func:`train_autoencoder`), then, if ``mask_decoder_steps`` > 0, D alone on whole masks
-    (:func:`finetune_mask_decoder`).
-    """
-    cfg = profile.autoencoder
-    if (run_dir / "vae" / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(run_dir / "vae")
-    elif cfg.pretrained is not None:
-        vae = build_autoencoder(cfg)
-    else:
-        cache = Path(os.environ.get("SYNDIFF_CACHE", Path.home() / ".cache" / "syndiff")) / "autoencoders"
-        first = cache / autoencoder_cache_key(profile, train_ids, data, seed)
-        second = cache / autoencoder_cache_key(profile, train_ids, data, seed, stage="mask_decoder")
-        if cfg.mask_decoder_steps > 0 and (second / "config.json").exists():
-            log(f"autoencoder: using the cached one (with its fine-tuned mask decoder) in {second}")
-            vae = AutoencoderKL.from_pretrained(second)
-        else:
-            complete = True
-            if (first / "config.json").exists():
-                log(f"autoencoder: using the cached one in {first}")
-                vae = AutoencoderKL.from_pretrained(first)
-            else:
-                log(f"autoencoder: training it on {len(images)} training images and masks (no pretrained weights offline)")
-                torch.manual_seed(seed)  # the initial weights
-                vae = build_autoencoder(cfg)
-                summary = train_autoencoder(vae, images, masks, cfg, torch.Generator().manual_seed(seed), log)
-                log(f"autoencoder: {summary['steps']} steps in {summary['seconds']} s")
-                if cfg.unit_std_latents:
-                    set_unit_std_scaling(vae, masks, log)
-                complete = summary["steps"] == cfg.train_steps
-                if complete:  # only a complete training is shared with later runs
-                    vae.save_pretrained(first)
-                else:
-                    log(f"autoencoder: stopped by its {cfg.train_minutes}-minute cap before {cfg.train_steps} steps; not cached")
-            if cfg.mask_decoder_steps > 0:
-                log(f"autoencoder: fine-tuning D on whole training masks for {cfg.mask_decoder_steps} steps (L1 + soft Dice)")
-                summary = finetune_mask_decoder(vae, masks, cfg, torch.Generator().manual_seed(seed), log)
-                log(f"autoencoder: mask decoder {summary['steps']} steps in {summary['seconds']} s")
-                if complete:
-                    vae.save_pretrained(second)
-        vae.save_pretrained(run_dir / "vae")
-    vae.eval().requires_grad_(False)
-    return vae
-
-
-def set_unit_std_scaling(vae: AutoencoderKL, masks: torch.Tensor, log=log_line) -> float:
-    """LDM's rule for a new autoencoder: scaling_factor s = 1 / std(E(X)), so z_0 has unit
-    variance like the noise n it is mixed with in Eq. 1 (SD's 0.18215 was measured on SD's
-    own image latents and would leave our mask latents at std ~0.2)."""
-    vae.register_to_config(scaling_factor=1.0)
-    with torch.no_grad():
-        std = torch.cat([encode_mask(vae, masks[i : i + 32]) for i in range(0, len(masks), 32)]).std().item()
-    vae.register_to_config(scaling_factor=1.0 / std)
-    log(f"autoencoder: scaling_factor = 1 / {std:.4f} = {1 / std:.4f}")
-    return 1.0 / std
+    return augment_batch(images[idx], masks[idx], generator, flip=flip, rotate=rotate)
 
 
 def progress_bar(total: int, desc: str, initial: int = 0, show: bool = True) -> tqdm:
@@ -249,80 +182,6 @@ def averaged_weights(ema: EMAModel | None, parameters: list):
         ema.restore(parameters)
 
 
-# --- checkpoints: safetensors only, written atomically ----------------------------------
-def _optimizer_to_safetensors(optimizer) -> tuple[dict, dict]:
-    state = optimizer.state_dict()
-    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
-    for param_id, entries in state["state"].items():
-        for name, value in entries.items():
-            key = f"{param_id}.{name}"
-            if torch.is_tensor(value):
-                tensors[key] = value.detach().cpu().contiguous()
-            else:
-                meta["scalars"][key] = value
-    return tensors, meta
-
-
-def _optimizer_from_safetensors(tensors: dict, meta: dict) -> dict:
-    state: dict = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        param_id, name = key.split(".", 1)
-        state.setdefault(int(param_id), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(run_dir: Path, models: dict, optimizer, lr_scheduler, generator, state: dict, ema=None) -> None:
-    """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by renames."""
-    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, model in models.items():
-        model.save_pretrained(tmp / name)
-    tensors, meta = _optimizer_to_safetensors(optimizer)
-    save_file(tensors, tmp / "optimizer.safetensors")
-    save_file({"generator": generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-    meta["lr_scheduler"] = lr_scheduler.state_dict()
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    if ema is not None:
-        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
-        state = state | {"ema_step": ema.optimization_step}
-    (tmp / "state.json").write_text(json.dumps(state))  # written last: marks the folder complete
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a kill between the two renames leaves .tmp or .old)."""
-    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
-        if (run_dir / name / "state.json").exists():
-            return run_dir / name
-    return None
-
-
-def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generator, ema=None) -> dict:
-    for name, model in models.items():
-        weights = load_file(path / name / "diffusion_pytorch_model.safetensors")
-        model.load_state_dict(weights)
-    meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_from_safetensors(load_file(path / "optimizer.safetensors"), meta))
-    lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    rng = load_file(path / "rng.safetensors")
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    state = json.loads((path / "state.json").read_text())
-    if ema is not None:
-        if not (path / "ema.safetensors").exists():
-            raise TrainingError(f"{path} has no EMA weights (it was written with ema_decay = 0); resume with the same config")
-        shadow = load_file(path / "ema.safetensors")
-        for i, p in enumerate(ema.shadow_params):
-            p.copy_(shadow[str(i)])
-        ema.optimization_step = state["ema_step"]
-    return state
-
-
 # --- validation ---------------------------------------------------------------------------
 def finished_run(run_dir, split: dict, config: dict | None = None) -> dict | None:
     """The results of a finished run in ``run_dir`` that may stand in for training again, or
@@ -338,25 +197,59 @@ def finished_run(run_dir, split: dict, config: dict | None = None) -> dict | Non
         raise ValueError(f"{run_dir} holds a run on another data split; move it away or train again")
     config = None if config is None else json.loads(json.dumps(config))  # tuples -> lists, as results.json has them
     if config is not None and results["config"] != config:
-        changed = sorted(f"{part}.{k}" for part in config for k in config[part] if isinstance(config[part], dict)
-                         and results["config"].get(part, {}).get(k) != config[part][k])
-        raise ValueError(f"{run_dir} holds a run of another configuration (differs in {', '.join(changed) or 'its name'}); "
+        raise ValueError(f"{run_dir} holds a run of another configuration (differs in {', '.join(config_differences(config, results['config'])) or 'its name'}); "
                          "move it away or train again")
     return results
+
+
+def config_differences(ours: dict, theirs: dict) -> list[str]:
+    """The "part.field" names in which two profile dicts differ."""
+    return sorted(f"{part}.{k}" for part in ours if isinstance(ours[part], dict)
+                  for k in ours[part] if theirs.get(part, {}).get(k) != ours[part][k])
 
 
 TRAIN_FIT_FRAMES = 64  # training frames scored at each validation (the fit diagnostic)
 
 
-def validation_dice(pipe: SynDiffPipeline, samples, seed: int = 0) -> float:
-    """Mean single-step Dice on the validation samples (fixed noise seed)."""
-    out = pipe([s.image for s in samples], generator=torch.Generator().manual_seed(seed), output_size="model")
+def validation_dice(pipe, samples, seed: int = 0) -> float:
+    """Mean Dice of ``pipe`` on ``samples`` at the model's size (fixed noise seed for SynDiff)."""
+    images = [s.image for s in samples]
+    if isinstance(pipe, SynDiffPipeline):
+        out = pipe(images, generator=torch.Generator().manual_seed(seed), output_size="model")
+    else:
+        out = pipe(images, output_size="model")
     return float(np.mean([dice_score(p, s.mask) for p, s in zip(out.masks, samples)]))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def code_version() -> str:
+    """The git commit of the library's checkout (with "+changes" when it has uncommitted
+    changes), or "unknown" outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def hardware_info(accelerator: Accelerator | None = None) -> dict:
     info = {
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
@@ -370,140 +263,206 @@ def hardware_info(accelerator: Accelerator | None = None) -> dict:
     return info
 
 
-# --- the run ------------------------------------------------------------------------------
-def train(
-    profile: Profile,
-    data,
-    out,
-    *,
-    seed: int = 0,
-    resume: bool = False,
-    fold: int | None = None,
-    folds: int = 5,
-    synthetic=(),
-    log=log_line,
-) -> dict:
-    """Train a SynDiff segmenter; returns the results dict also written to results.json."""
-    run_dir = Path(out)
-    t_start = time.time()
+# --- the run folder -----------------------------------------------------------------------
+PREPARED = {"vae"}  # what a new run folder may already hold: an autoencoder put there to be used
+
+
+def open_run_dir(run_dir: Path, profile: Profile, split: dict, resume: bool) -> Path | None:
+    """Check the run folder before any work starts; return the checkpoint to resume from.
+
+    Without ``resume`` the folder must be new, empty, or hold only a prepared ``vae/``: a
+    finished or killed run, or anybody's other files, are never overwritten. With ``resume``
+    it must hold a checkpoint of the same profile and split.
+    """
+    ours = {"profile.json", "split.json", "log.jsonl", "results.json", "pipeline", "checkpoint", "checkpoint.tmp",
+            "checkpoint.old", "pipeline.tmp", "pipeline.old", "vae"}
+    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"{run_dir} is a file, not a run folder; choose another --out")
+    if not resume:
+        if set(held) <= PREPARED:
+            return None
+        if set(held) <= ours:
+            raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        raise TrainingError(f"{run_dir} is not empty (it holds {', '.join(held[:5])}); choose a new or empty --out folder")
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        raise TrainingError(f"{run_dir} holds no checkpoint to resume; train without --resume into a new folder")
+    saved = json.loads((run_dir / "profile.json").read_text())
+    now = json.loads(json.dumps(profile.to_dict()))
+    if saved != now:
+        raise TrainingError(f"{run_dir} was started with another configuration (differs in "
+                            f"{', '.join(config_differences(now, saved)) or 'its name'}); resume it with the same options")
+    theirs = data_lib.load_split(run_dir / "split.json")
+    if any(theirs[k] != split[k] for k in ("train", "val", "test")):
+        raise TrainingError(f"{run_dir} was started on another data split; resume it with the same --data, --fold and --seed")
+    return checkpoint
+
+
+def trim_log(log_file: Path, step: int) -> None:
+    """Drop the records a killed run wrote after the checkpoint it resumes from."""
+    if log_file.exists():
+        kept = [line for line in log_file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        log_file.write_text("".join(line + "\n" for line in kept))
+
+
+# --- the two models: what differs between them ---------------------------------------------
+@dataclass
+class Trainee:
+    """What the shared loop needs of a model (plain data, no behaviour of its own).
+
+    modules:    the trained networks by name, as checkpoints store them
+    parameters: what AdamW updates (and the EMA averages)
+    frozen:     names in ``modules`` kept in eval mode (a frozen E_phi)
+    loss:       (pixels [B, 3, S, S], mask [B, 1, S, S], generator) -> (loss, {name: float})
+    pipeline:   () -> the pipeline of the modules as they are now, to score and to save
+    """
+
+    modules: dict
+    parameters: list
+    frozen: set
+    loss: Callable
+    pipeline: Callable
+
+
+def syndiff_trainee(profile: Profile, vae, accelerator: Accelerator) -> Trainee:
+    """E_phi (initialised from E) and the U-Net; the dual loss of Eq. 6 on z_c = E_phi(C), z_0 = E(X)."""
     tcfg = profile.train
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
-    is_main = accelerator.is_main_process
-
-    # 1. Data and split.
-    train_samples, val_samples, split = prepare_data(data, tcfg.image_size, seed, fold, folds, synthetic)
-    if run_dir.exists() and not resume and find_checkpoint(run_dir) is not None:
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        data_lib.save_split(split, run_dir / "split.json")
-        (run_dir / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2))
-    log(f"data: {len(train_samples)} train, {len(val_samples)} val ({split['scheme']} split); test is not used in training")
-    images, masks = samples_to_tensors(train_samples)
-
-    # 2. The frozen autoencoder.
-    vae = get_autoencoder(profile, images, masks, split["train"], split["data"], run_dir, seed, log).to(accelerator.device)
-    val_masks = samples_to_tensors(val_samples)[1] if val_samples else masks[:16]
-    round_trip = mask_round_trip_dice(vae, val_masks.to(accelerator.device)).mean().item()
-    log(f"autoencoder: mask round-trip Dice on validation {round_trip:.3f} (the ceiling for this run)")
-
-    # 3. The segmenter: E_phi initialised from E, and the U-Net.
-    torch.manual_seed(seed)
     image_encoder = ImageEncoder.from_vae(vae)
     image_encoder.requires_grad_(not tcfg.freeze_encoder)
     unet = build_unet(profile.unet, tcfg.image_size // 8)
     scheduler = make_scheduler(profile.diffusion)
-    trainable = list(unet.parameters()) + ([] if tcfg.freeze_encoder else list(image_encoder.parameters()))
-    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    parameters = list(unet.parameters()) + ([] if tcfg.freeze_encoder else list(image_encoder.parameters()))
+
+    def loss(pixels, mask, generator):
+        mask_latent = encode_mask(vae, mask)  # z_0 [B, 4, h, w], frozen E
+        image_latent = image_encoder(pixels)  # z_c [B, 4, h, w], trainable E_phi
+        return training_loss(unet, scheduler, profile.diffusion, image_latent, mask_latent, generator, vae, mask)
+
+    def pipeline():
+        return SynDiffPipeline(vae, accelerator.unwrap_model(image_encoder), accelerator.unwrap_model(unet), scheduler, profile)
+
+    return Trainee({"unet": unet, "image_encoder": image_encoder}, parameters,
+                   {"image_encoder"} if tcfg.freeze_encoder else set(), loss, pipeline)
+
+
+def baseline_trainee(profile: Profile, accelerator: Accelerator) -> Trainee:
+    """A pixel-space U-Net that predicts the mask's logits; BCE + soft Dice."""
+    unet = build_baseline_unet(profile)
+
+    def loss(pixels, mask, generator):
+        return bce_dice_loss(unet(pixels, 0).sample.float(), mask), {}
+
+    return Trainee({"unet": unet}, list(unet.parameters()), set(), loss,
+                   lambda: BaselinePipeline(accelerator.unwrap_model(unet), profile))
+
+
+# --- the shared loop ------------------------------------------------------------------------
+def optimisation_step(trainee: Trainee, pixels, mask, generator, optimizer, lr_scheduler, accelerator: Accelerator,
+                      grad_clip: float):
+    """One AdamW step on one batch; returns (loss, parts). A loss that is not finite is
+    returned before anything is updated, so the caller can stop with the weights intact."""
+    with accelerator.autocast():
+        loss, parts = trainee.loss(pixels, mask, generator)
+    if not torch.isfinite(loss):
+        return loss, parts
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and grad_clip:
+        accelerator.clip_grad_norm_(trainee.parameters, grad_clip)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, parts
+
+
+def fit(trainee: Trainee, profile: Profile, run_dir: Path, accelerator: Accelerator, train_samples, val_samples, *,
+        seed: int, checkpoint: Path | None, log=log_line) -> dict:
+    """Train ``trainee`` under the profile's budget; returns the final loop state.
+
+    The state ({"step", "elapsed_s", "best_val_dice", "best_step", "best_weights",
+    "stop_reason"}) is what checkpoints carry, so a resumed run goes on where it stopped.
+    """
+    tcfg, is_main = profile.train, accelerator.is_main_process
+    images, masks = samples_to_tensors(train_samples)
+    optimizer = torch.optim.AdamW(trainee.parameters, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     clock = {"start": time.time(), "before": 0.0}  # training seconds, across resumes
 
     def elapsed():
         return clock["before"] + time.time() - clock["start"]
 
     lr_scheduler = budget_cosine_schedule(optimizer, tcfg.lr_warmup_steps, tcfg.max_steps, tcfg.max_minutes * 60, elapsed)
-    unet, image_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, image_encoder, optimizer, lr_scheduler)
-    models = {"unet": unet, "image_encoder": image_encoder}
+    names = list(trainee.modules)
+    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trainee.modules.values(), optimizer, lr_scheduler)
+    modules = dict(zip(names, prepared))
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
-    ema = make_ema(trainable, tcfg.ema_decay)
+    ema = make_ema(trainee.parameters, tcfg.ema_decay)
 
     state = {"step": 0, "elapsed_s": 0.0, "best_val_dice": -1.0, "best_step": None, "best_weights": None}
-    checkpoint = find_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, {k: accelerator.unwrap_model(m) for k, m in models.items()}, optimizer, lr_scheduler,
-                                generator, ema)
-        log(f"resumed from step {state['step']} ({checkpoint.name})")
-    elif resume:
-        log("no checkpoint found: starting from step 0")
-
-    def make_pipeline():
-        return SynDiffPipeline(vae, accelerator.unwrap_model(image_encoder), accelerator.unwrap_model(unet), scheduler, profile)
-
-    def save_state():
-        if is_main:
-            state["elapsed_s"] = elapsed()
-            save_checkpoint(run_dir, {k: accelerator.unwrap_model(m) for k, m in models.items()}, optimizer, lr_scheduler, generator,
-                            state, ema)
-
-    # A fixed sample of training frames, scored beside validation: not for model selection,
-    # but to tell underfitting (both low) from overfitting (train high, validation low).
-    fit_samples = [train_samples[i] for i in np.random.default_rng(seed).permutation(len(train_samples))[:TRAIN_FIT_FRAMES]]
-
-    def score_and_keep(weights: str, record: dict):
-        """Validation Dice of the weights the models hold now; they become RUN_DIR/pipeline
-        if no earlier validation scored higher."""
-        pipe = make_pipeline()
-        dice = validation_dice(pipe, val_samples, seed) if val_samples else float("nan")
-        if is_main and dice > state["best_val_dice"]:
-            state["best_val_dice"], state["best_step"], state["best_weights"] = dice, state["step"], weights
-            tmp = run_dir / "pipeline.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            pipe.save_pretrained(tmp)
-            shutil.rmtree(run_dir / "pipeline", ignore_errors=True)
-            tmp.rename(run_dir / "pipeline")
-            record["best"] = weights
-        return dice, pipe
-
-    def validate():
-        record = {"step": state["step"]}
-        if ema is not None:  # the raw weights too: the comparison that justifies the average
-            record["val_dice_raw"], _ = score_and_keep("raw", record)
-        with averaged_weights(ema, trainable):
-            record["val_dice"], pipe = score_and_keep("raw" if ema is None else "ema", record)
-            record["train_dice"] = validation_dice(pipe, fit_samples, seed)
-        for model in models.values():
-            model.train()
-        image_encoder.train(not tcfg.freeze_encoder)
-        record["elapsed_s"] = round(elapsed(), 1)
-        write_log(record)
-        raw = f" (raw weights {record['val_dice_raw']:.3f})" if ema is not None else ""
-        log(f"step {state['step']}: validation Dice {record['val_dice']:.3f}{raw}, training-frame Dice {record['train_dice']:.3f} "
-            f"(best {state['best_val_dice']:.3f} at step {state['best_step']}, {state['best_weights']} weights)")
-
     log_file = run_dir / "log.jsonl"
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, {k: accelerator.unwrap_model(m) for k, m in modules.items()}, optimizer,
+                                lr_scheduler, generator, ema)
+        if is_main:
+            trim_log(log_file, state["step"])
+        log(f"resumed from step {state['step']} ({checkpoint.name})")
+
+    def set_train_mode():
+        for name, module in modules.items():
+            module.train(name not in trainee.frozen)
 
     def write_log(record):
         if is_main:
             with open(log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    clock["start"], clock["before"] = time.time(), state["elapsed_s"]
+    def save_state():
+        if is_main:
+            state["elapsed_s"] = elapsed()
+            save_checkpoint(run_dir, {k: accelerator.unwrap_model(m) for k, m in modules.items()}, optimizer, lr_scheduler,
+                            generator, state, ema)
 
-    # 4. The loop.
+    def score_and_keep(weights: str):
+        """Validation Dice of the weights the models hold now; they become RUN_DIR/pipeline
+        (written aside, then swapped in) if no earlier validation scored higher."""
+        pipe = trainee.pipeline()
+        dice = validation_dice(pipe, val_samples, seed)
+        if is_main and dice > state["best_val_dice"]:
+            state["best_val_dice"], state["best_step"], state["best_weights"] = dice, state["step"], weights
+            shutil.rmtree(run_dir / "pipeline.tmp", ignore_errors=True)
+            pipe.save_pretrained(run_dir / "pipeline.tmp")
+            replace_folder(run_dir / "pipeline.tmp", run_dir / "pipeline")
+        return dice, pipe
+
+    # A fixed sample of training frames, scored beside validation: not for model selection,
+    # but to tell underfitting (both low) from overfitting (train high, validation low).
+    fit_samples = [train_samples[i] for i in np.random.default_rng(seed).permutation(len(train_samples))[:TRAIN_FIT_FRAMES]]
+
+    def validate():
+        record = {"step": state["step"]}
+        if ema is not None:  # the raw weights too: the comparison that justifies the average
+            record["val_dice_raw"], _ = score_and_keep("raw")
+        with averaged_weights(ema, trainee.parameters):
+            record["val_dice"], pipe = score_and_keep("raw" if ema is None else "ema")
+            record["train_dice"] = validation_dice(pipe, fit_samples, seed)
+        set_train_mode()
+        record["elapsed_s"] = round(elapsed(), 1)
+        write_log(record)
+        raw = f" (raw weights {record['val_dice_raw']:.3f})" if ema is not None else ""
+        log(f"step {state['step']}: validation Dice {record['val_dice']:.3f}{raw}, training-frame Dice {record['train_dice']:.3f} "
+            f"(best {state['best_val_dice']:.3f} at step {state['best_step']}, {state['best_weights']} weights)")
+
+    clock["start"], clock["before"] = time.time(), state["elapsed_s"]
     budget_s = tcfg.max_minutes * 60
-    unet.train()
-    image_encoder.train(not tcfg.freeze_encoder)
+    set_train_mode()
     bar = progress_bar(tcfg.max_steps, "train", initial=state["step"], show=is_main)
-    stop_reason = "max_steps"
+    state["stop_reason"] = "max_steps"
     while state["step"] < tcfg.max_steps:
         if elapsed() > budget_s:
-            stop_reason = "time budget"
+            state["stop_reason"] = "time budget"
             break
         pixels, mask = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment, tcfg.rotate_augment)
         pixels, mask = pixels.to(accelerator.device), mask.to(accelerator.device)
-        with accelerator.autocast():
-            mask_latent = encode_mask(vae, mask)  # z_0 [B, 4, h, w], frozen E
-            image_latent = image_encoder(pixels)  # z_c [B, 4, h, w], trainable E_phi
-            loss, parts = training_loss(unet, scheduler, profile.diffusion, image_latent, mask_latent, generator, vae, mask)
+        loss, parts = optimisation_step(trainee, pixels, mask, generator, optimizer, lr_scheduler, accelerator, tcfg.grad_clip)
         if not torch.isfinite(loss):
             kept = find_checkpoint(run_dir)
             raise TrainingError(
@@ -512,50 +471,115 @@ def train(
                    if kept else "No checkpoint had been written yet.")
                 + " Try a lower --lr or mixed_precision='no'."
             )
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and tcfg.grad_clip:
-            accelerator.clip_grad_norm_(trainable, tcfg.grad_clip)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(trainable)
+            ema.step(trainee.parameters)
         state["step"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if state["step"] % tcfg.log_every == 0:
-            write_log({"step": state["step"], "loss": loss.item(), **parts, "lr": lr_scheduler.get_last_lr()[0], "elapsed_s": round(elapsed(), 1)})
+            write_log({"step": state["step"], "loss": loss.item(), **parts, "lr": lr_scheduler.get_last_lr()[0],
+                       "elapsed_s": round(elapsed(), 1)})
         if state["step"] % tcfg.val_every == 0:
             validate()
         if state["step"] % tcfg.checkpoint_every == 0:
             save_state()
     bar.close()
-    if state["step"] % tcfg.val_every != 0:  # the last steps since the last validation
+    if state["best_step"] is None or state["step"] % tcfg.val_every != 0:  # the last steps since the last validation
         validate()
     save_state()
+    return state
 
-    # 5. Results.
+
+# --- the run ------------------------------------------------------------------------------
+def train(
+    profile: Profile,
+    data,
+    out,
+    *,
+    model: str = "syndiff",
+    seed: int = 0,
+    resume: bool = False,
+    fold: int | None = None,
+    folds: int = 5,
+    split_seed: int | None = None,
+    synthetic=(),
+    log=log_line,
+) -> dict:
+    """Train a SynDiff segmenter (``model="syndiff"``) or the pixel-space baseline
+    (``model="baseline"``); returns the results dict also written to results.json.
+
+    ``seed`` draws the initial weights, the batches and the noise; ``split_seed`` (default:
+    ``seed``) draws the split, so trainings that differ only in ``seed`` can share one split.
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    check_profile(profile)
+    run_dir = Path(out)
+    t_start = time.time()
+    tcfg = profile.train
+    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
+    is_main = accelerator.is_main_process
+
+    # 1. Data, split and the run folder: everything that can be wrong is found before any work.
+    split_seed = seed if split_seed is None else split_seed
+    train_samples, val_samples, split = prepare_data(data, tcfg.image_size, split_seed, fold, folds, synthetic)
+    if not val_samples:
+        raise ValueError(f"the split of {split['data']} leaves no validation frames, and without them no model can be "
+                         "chosen; give more data (whole video sequences) or another split")
+    checkpoint = open_run_dir(run_dir, profile, split, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main and checkpoint is None:
+        data_lib.save_split(split, run_dir / "split.json")
+        (run_dir / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2))
+    log(f"data: {len(train_samples)} train, {len(val_samples)} val ({split['scheme']} split); test is not used in training")
+
+    # 2. The model: for SynDiff, the frozen autoencoder first.
+    extra = {}
+    if model == "syndiff":
+        # The autoencoder sees the real training frames only, so every row of a grid (with or
+        # without synthetic frames) shares the one cached for its split.
+        images, masks = samples_to_tensors([s for s in train_samples if s.source != "synthetic"])
+        vae = get_autoencoder(profile, images, masks, split["train"], split["data"], run_dir, profile.autoencoder.seed,
+                              log).to(accelerator.device)
+        round_trip = mask_round_trip_dice(vae, samples_to_tensors(val_samples)[1].to(accelerator.device)).mean().item()
+        log(f"autoencoder: mask round-trip Dice on validation {round_trip:.3f} (the ceiling for this run)")
+        extra["autoencoder_round_trip_dice_val"] = round_trip
+        torch.manual_seed(seed)  # the initial weights
+        trainee = syndiff_trainee(profile, vae, accelerator)
+    else:
+        torch.manual_seed(seed)
+        trainee = baseline_trainee(profile, accelerator)
+    log(f"{model}: {sum(p.numel() for p in trainee.parameters) / 1e6:.1f}M trainable parameters")
+
+    # 3. The loop.
+    state = fit(trainee, profile, run_dir, accelerator, train_samples, val_samples, seed=seed, checkpoint=checkpoint, log=log)
+
+    # 4. Results.
     results = {
-        "model": "syndiff",
+        "model": model,
         "profile": profile.name,
-        "recipe": profile.diffusion.recipe,
+        "recipe": describe_recipe(profile.diffusion) if model == "syndiff" else None,
+        "overrides": profile_overrides(profile),
         "config": profile.to_dict(),
         "seed": seed,
+        "split_seed": split_seed,
         "data": split["data"],
         "split": {k: len(split[k]) for k in ("train", "val", "test")} | {"scheme": split["scheme"], "fold": split.get("fold")},
         "synthetic": split["synthetic"],
         "steps": state["step"],
-        "stop_reason": stop_reason,
+        "stop_reason": state["stop_reason"],
         "train_seconds": round(state["elapsed_s"], 1),
+        "seconds_per_step": round(state["elapsed_s"] / max(state["step"], 1), 4),
         "wall_seconds_this_session": round(time.time() - t_start, 1),
         "best_step": state["best_step"],
         "best_weights": state.get("best_weights"),
         "val_dice": state["best_val_dice"],
-        "autoencoder_round_trip_dice_val": round_trip,
+        **extra,
+        "code": code_version(),
         "hardware": hardware_info(accelerator),
     }
     if is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log(f"done: {state['step']} steps ({stop_reason}); best validation Dice {state['best_val_dice']:.3f} at step {state['best_step']}")
+    log(f"done: {state['step']} steps ({state['stop_reason']}); best validation Dice {state['best_val_dice']:.3f} "
+        f"at step {state['best_step']}")
     return results
-

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import ndimage
 
+from .data import read_image, read_mask
 from .metrics import dice_score
 
 DPI = 90  # modest: keeps the executed notebooks light
@@ -186,3 +187,23 @@ def table(rows, columns, caption: str | None = None, floatfmt: str = ".3f") -> T
     if bad:
         raise ValueError(f"every row needs {len(columns)} values (one per column), got {bad[0]}")
     return Table([[_cell(v, floatfmt) for v in row] for row in rows], [str(c) for c in columns], caption)
+
+
+def fig2_grid(out_dir, n: int = 8, ncols: int = 4, rejected: bool = False) -> Figure:
+    """The paper's Fig. 2: rows of synthetic frames, each over a row of their masks (notebook 02).
+
+    Shows the first n kept samples of the manifest that synthesis.synthesize wrote (rejected=True: the rejected ones).
+    """
+    records = [r for r in read_jsonl(Path(out_dir) / "manifest.jsonl") if r["kept"] != rejected]
+    if not records:
+        raise ValueError(f"{out_dir}/manifest.jsonl lists no {'rejected' if rejected else 'kept'} samples")
+    ncols = max(1, min(ncols, n, len(records)))
+    records = records[:min(n, len(records)) // ncols * ncols]  # whole rows only: each mask sits under its frame
+    panels, titles = [], []
+    for start in range(0, len(records), ncols):
+        row = records[start:start + ncols]
+        panels += [read_image(Path(out_dir) / r["image"]) for r in row]
+        titles += [f"{r['prompt_id']} {r['attributes']['size']} {r['attributes']['morphology']}" for r in row]
+        panels += [read_mask(Path(out_dir) / r["mask"]) for r in row]
+        titles += [f"{r['backend']}, consistency {r['consistency']:.2f}" for r in row]
+    return show_grid(panels, titles, ncols=ncols)

@@ -95,3 +95,51 @@ def test_inference_study_rows_and_seed_spread():
     assert [(r["steps"], r["t_infer"]) for r in rows] == [(1, 50), (1, 999), (2, "DDIM")]
     for r in rows:
         assert 0 <= r["test_dice"] <= 1 and r["val_dice_std"] >= 0 and "test_iou_std" in r
+
+
+def test_synthetic_set_size_scales_the_largest_table3_row():
+    assert ablations.synthetic_set_size(488) == 200
+    assert ablations.synthetic_set_size(244) == 100
+    assert ablations.synthetic_set_size(5) == 8  # at least enough for Fig. 2's grid
+    assert ablations.synthetic_set_size(488, 17) == 17  # the notebook's parameter wins
+
+
+def test_scaled_counts_are_the_paper_counts_of_both_tables():
+    assert ablations.scaled_counts(488, 1000) == {20: 20, 50: 50, 100: 100, 200: 200}
+    assert ablations.scaled_counts(244, 60) == {20: 10, 50: 25, 100: 50, 200: 60}
+
+
+def test_grid_budget_defaults_and_its_description():
+    tiny, cpu = get_profile("tiny"), get_profile("cpu")
+    budget = ablations.grid_budget(tiny)
+    assert budget == ablations.row_budget(tiny, steps=ablations.TINY_GRID_STEPS)
+    assert ablations.budget_text(tiny, budget) == f"at most {ablations.TINY_GRID_STEPS} steps or 1 min"
+    assert ablations.is_smoke_budget(tiny, budget)
+    assert ablations.grid_budget(tiny, 40, 2.5) == ablations.row_budget(tiny, 40, 2.5)
+    assert ablations.grid_budget(cpu) == {}  # the profile's own budget
+    assert ablations.budget_text(cpu, {}) == f"at most {cpu.train.max_steps} steps or {cpu.train.max_minutes:g} min"
+    assert not ablations.is_smoke_budget(cpu, {})
+    assert ablations.is_smoke_budget(cpu, ablations.grid_budget(cpu, steps=30))
+
+
+STUDY = [
+    {"steps": 1, "t_infer": 50, "val_dice": 0.6, "val_dice_std": 0.01, "test_dice": 0.9, "test_dice_std": 0.02,
+     "test_iou": 0.5, "test_iou_std": 0.03},
+    {"steps": 1, "t_infer": 999, "val_dice": 0.7, "val_dice_std": 0.0, "test_dice": 0.4, "test_dice_std": 0.0,
+     "test_iou": 0.3, "test_iou_std": 0.0},
+    {"steps": 10, "t_infer": "DDIM", "val_dice": 0.8, "val_dice_std": 0.0, "test_dice": 0.8, "test_dice_std": 0.0,
+     "test_iou": 0.7, "test_iou_std": 0.0},
+]
+
+
+def test_best_single_step_is_chosen_on_validation_among_single_steps():
+    assert ablations.best_single_step(STUDY)["t_infer"] == 999  # not t = 50, the best on test; not DDIM
+    assert ablations.best_single_step(STUDY, split="test")["t_infer"] == 50
+    with pytest.raises(ValueError, match="single-step"):
+        ablations.best_single_step(STUDY[2:])
+
+
+def test_study_table_rows():
+    rows = ablations.study_table_rows(STUDY)
+    assert rows[0] == ["1 step, t = 50", "0.600 ± 0.010", "0.900 ± 0.020", "0.500 ± 0.030"]
+    assert rows[2][0] == "DDIM, 10 steps"

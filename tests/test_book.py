@@ -1,15 +1,18 @@
 """The book: notebook structure, committed outputs, glue references, and a warning-free build.
 
-Fast tests read the committed files. `test_committed_book_builds_without_warnings` builds the
-book from the committed notebooks (seconds, no execution). The slow test executes all seven
-notebooks in the tiny profile on the toy dataset into a temporary copy (minutes) and builds
-that copy with -W: what CI runs, without rewriting tracked files.
+Fast tests read the committed files, and check that scripts/run_notebooks.py writes outside
+the committed notebooks unless told --in-place. `test_committed_book_builds_without_warnings`
+builds the book from the committed notebooks (seconds, no execution). The slow test executes
+all seven notebooks in the tiny profile on the toy dataset into a temporary copy (minutes) and
+builds that copy with -W: what CI runs, without rewriting tracked files.
 """
 
 import ast
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +86,16 @@ def test_notebook_has_colab_cell_then_one_parameters_cell(path):
     assert 'profile = "tiny"' in parameter_cells[0].source
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_sets_up_with_the_library_helper(path):
+    """One hidden setup cell calls syndiff_lib.notebook.setup; no notebook imports the command line."""
+    code = [c for c in read(path).cells if c.cell_type == "code"]
+    setups = [c for c in code if "ctx = setup(profile, data, seed, device, artifacts)" in c.source]
+    assert len(setups) == 1 and "hide-input" in tags(setups[0])
+    assert setups[0].source.startswith("from syndiff_lib.notebook import setup"), "first: progress bars off"
+    assert not [c.source[:60] for c in code if "syndiff_lib.cli" in c.source or "get_profile(" in c.source]
+
+
 def test_toc_lists_every_notebook_and_page_exactly_once():
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     files = [toc["root"]] + [ch["file"] for part in toc["parts"] for ch in part["chapters"]]
@@ -112,6 +125,46 @@ def test_book_glue_references_name_keys_the_notebooks_glue():
             if "papermill" in read(notebook).metadata and key not in glued_keys(read(notebook)):
                 missing.append(f"{page.name}: {doc}::{key}")
     assert not missing, missing
+
+
+# ---- the runner writes outside the committed notebooks ---------------------------------------
+
+
+def runner():
+    """scripts/run_notebooks.py as a module (its argument parsing; nothing is executed)."""
+    spec = importlib.util.spec_from_file_location("run_notebooks", REPO / "scripts" / "run_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runner_writes_a_build_folder_by_default_and_the_notebooks_only_in_place(tmp_path):
+    run = runner()
+    default = run.output_dir(run.parse_args(["--profile", "tiny"]))
+    assert default != REPO and default != REPO / "notebooks"
+    assert default == REPO / "_build" / "book" and "_build" in config()["exclude_patterns"]
+    assert run.output_dir(run.parse_args(["--out", str(tmp_path / "book")])) == tmp_path / "book"
+    assert run.output_dir(run.parse_args(["--in-place"])) == REPO
+    for out in (REPO, REPO / "notebooks"):
+        with pytest.raises(ValueError):
+            run.output_dir(run.parse_args(["--out", str(out)]))
+    with pytest.raises(SystemExit):
+        run.parse_args(["--in-place", "--out", str(tmp_path)])
+
+
+def test_default_build_folder_is_ignored_by_git():
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "_build/book/notebooks/01_data.ipynb"], cwd=REPO)
+    assert ignored.returncode == 0, "_build/ must stay in .gitignore: make book writes there"
+
+
+def git_status(folder: str) -> str | None:
+    """`git status --porcelain FOLDER`, or None where there is no git checkout to ask."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        return None
+    return subprocess.run(["git", "status", "--porcelain", folder], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
 
 
 # ---- the committed outputs -------------------------------------------------------------------
@@ -145,9 +198,11 @@ def test_tiny_book_executes_and_builds_without_warnings(tmp_path):
     env = os.environ | {"TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("SYNDIFF_DATA", None)  # the toy dataset, whatever the machine has
     out = tmp_path / "book"
+    before = git_status("notebooks/")
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--profile", "tiny",
                           "--out", str(out)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert git_status("notebooks/") == before, "executing into a copy rewrote tracked notebooks"
     for path in sorted((out / "notebooks").glob("*.ipynb")):
         check_executed_notebook(path)
     result = jupyter_book(out, out)

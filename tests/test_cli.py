@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from syndiff_lib import checkpoint as checkpoint_module
 from syndiff_lib import train as train_module
 from syndiff_lib.config import get_profile
 from syndiff_lib.data import write_toy_dataset
@@ -118,9 +119,12 @@ def test_evaluate_scores_the_runs_own_training_frames(toy_run, toy_dir):
     assert last_json(result.stdout)["n"] == len(json.loads((toy_run / "split.json").read_text())["train"])
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_dir, toy_run):
+@pytest.mark.parametrize("model", ["syndiff", "baseline"])
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_dir, toy_run, model):
+    """Both models share one training loop, so both survive a SIGKILL the same way."""
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "syndiff_lib", "train", *RESUMABLE, "--data", str(toy_dir), "--out", str(out)]
+    resumable = [*RESUMABLE, "--model", model]
+    args = [sys.executable, "-m", "syndiff_lib", "train", *resumable, "--data", str(toy_dir), "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = out / "checkpoint" / "state.json"
     deadline = time.time() + 300
@@ -133,19 +137,24 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_dir, toy_ru
     proc.wait()
     killed_at = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
     assert killed_at >= 20
-    # Without --resume the run folder is protected.
-    again = syndiff("train", "--profile", "tiny", "--data", toy_dir, "--out", out)
+    # Without --resume the run folder is protected; with other options it cannot be resumed.
+    again = syndiff("train", "--profile", "tiny", "--model", model, "--data", toy_dir, "--out", out)
     assert again.returncode == 2 and "--resume" in again.stderr
-    resumed = syndiff("train", *RESUMABLE, "--data", toy_dir, "--out", out, "--resume")
+    other = syndiff("train", *resumable, "--lr", "0.1", "--data", toy_dir, "--out", out, "--resume")
+    assert other.returncode == 2 and "train.lr" in other.stderr
+    resumed = syndiff("train", *resumable, "--data", toy_dir, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     match = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "resumed from step" in line]
     assert match and int(match[0].split("resumed from step ")[1].split()[0]) >= killed_at
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 50 and results["best_weights"] in ("raw", "ema")
+    assert results["steps"] == 50 and results["best_weights"] in ("raw", "ema") and results["model"] == model
     assert (out / "checkpoint" / "ema.safetensors").exists()
     assert json.loads((out / "checkpoint" / "state.json").read_text())["ema_step"] == 50
-    last = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
-    assert 0 <= last["val_dice"] <= 1 and 0 <= last["val_dice_raw"] <= 1  # both weights scored
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 50  # what the killed run logged after its checkpoint is gone
+    assert 0 <= records[-1]["val_dice"] <= 1 and 0 <= records[-1]["val_dice_raw"] <= 1  # both weights scored
+    assert not (out / "pipeline.tmp").exists() and (out / "pipeline").is_dir()
 
 
 def test_checkpoint_round_trip_restores_optimizer_and_rng(tmp_path):
@@ -162,13 +171,13 @@ def test_checkpoint_round_trip_restores_optimizer_and_rng(tmp_path):
         with torch.no_grad():
             model.weight += 1.0
         ema.step(list(model.parameters()))
-    train_module.save_checkpoint(tmp_path, {"m": model}, optimizer, lr_scheduler, generator, {"step": 7}, ema)
+    checkpoint_module.save_checkpoint(tmp_path, {"m": model}, optimizer, lr_scheduler, generator, {"step": 7}, ema)
     expected_draw = torch.rand(3, generator=generator)
     model2 = torch.nn.Linear(3, 2)
     optimizer2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
     generator2 = torch.Generator()
     ema2 = train_module.make_ema(list(model2.parameters()), 0.9)
-    state = train_module.load_checkpoint(tmp_path / "checkpoint", {"m": model2}, optimizer2,
+    state = checkpoint_module.load_checkpoint(tmp_path / "checkpoint", {"m": model2}, optimizer2,
                                          torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 0.5), generator2, ema2)
     assert state["step"] == 7 and ema2.optimization_step == ema.optimization_step == 2
     torch.testing.assert_close(ema2.shadow_params[0], ema.shadow_params[0])
@@ -244,7 +253,7 @@ def test_tiny_train_then_evaluate_on_clinicdb(clinicdb, tmp_path):
 
 def test_baseline_trains_saves_safetensors_and_evaluates(tmp_path, toy_dir):
     """The equal-budget yardstick: `syndiff train --model baseline` makes a run folder that
-    `evaluate` loads like a SynDiff run, and refuses --resume (it trains in one go)."""
+    `evaluate` loads like a SynDiff run; diffusion-only options are refused, not ignored."""
     out = tmp_path / "baseline"
     result = syndiff("train", "--model", "baseline", "--profile", "tiny", "--max-steps", "6", "--val-every", "3",
                      "--ema-decay", "0.9", "--data", toy_dir, "--out", out)
@@ -260,5 +269,47 @@ def test_baseline_trains_saves_safetensors_and_evaluates(tmp_path, toy_dir):
     scored = syndiff("evaluate", "--checkpoint", out, "--data", toy_dir, "--split", "test", "--json")
     assert scored.returncode == 0, scored.stderr
     assert last_json(scored.stdout)["n"] == len(json.loads((out / "split.json").read_text())["test"])
-    again = syndiff("train", "--model", "baseline", "--profile", "tiny", "--resume", "--data", toy_dir, "--out", out)
-    assert again.returncode != 0 and "--resume" in again.stderr
+    assert results["recipe"] is None and results["code"] and results["seconds_per_step"] > 0
+    multi = syndiff("evaluate", "--checkpoint", out, "--data", toy_dir, "--steps", "50")
+    assert multi.returncode == 2 and "baseline has no diffusion" in multi.stderr
+    flags = syndiff("train", "--model", "baseline", "--profile", "tiny", "--lambda-latent", "0", "--data", toy_dir,
+                    "--out", tmp_path / "b2")
+    assert flags.returncode == 2 and "baseline has no diffusion" in flags.stderr and not (tmp_path / "b2").exists()
+
+
+# --- options that mean what they say, run folders that are never overwritten --------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--t-infer", "50"], "differs from the fixed training timestep"),
+    (["--t-infer", "5000"], "differs from the fixed training timestep"),
+    (["--fixed-timestep", "-3"], "must be in 0..999, got -3"),
+    (["--decoder-loss-fraction", "0.5"], "no effect while decoder_loss_weight is 0"),
+    (["--max-steps", "0"], "max_steps must be >= 1"),
+])
+def test_contradictory_options_are_refused_before_any_work(tmp_path, toy_dir, flags, message):
+    result = syndiff("train", "--profile", "tiny", *flags, "--data", toy_dir, "--out", tmp_path / "run")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_recorded_recipe_names_every_override(toy_run):
+    from syndiff_lib.config import describe_recipe, get_profile, profile_overrides
+
+    results = json.loads((toy_run / "results.json").read_text())
+    assert results["recipe"] == "default" and results["overrides"]["train.max_steps"] == 40
+    profile = get_profile("tiny")
+    profile.diffusion.lambda_latent = 0.0
+    assert describe_recipe(profile.diffusion) == "default (lambda_latent=0.0)"
+    assert profile_overrides(profile) == {"diffusion.lambda_latent": 0.0}
+    assert describe_recipe(get_profile("tiny", recipe="paper").diffusion) == "paper"
+
+
+def test_a_folder_of_other_files_or_a_missing_checkpoint_is_refused(tmp_path, toy_dir):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("my own notes")
+    (mine / "thesis.tex").write_text("\\documentclass{article}")
+    result = syndiff("train", *FAST, "--data", toy_dir, "--out", mine)
+    assert result.returncode == 2 and "not empty" in result.stderr
+    assert (mine / "results.json").read_text() == "my own notes"
+    fresh = syndiff("train", *FAST, "--data", toy_dir, "--out", tmp_path / "new", "--resume")
+    assert fresh.returncode == 2 and "no checkpoint to resume" in fresh.stderr

@@ -329,13 +329,66 @@ def test_kvasir_unpack_checksum_and_traversal(tmp_path):
         "Kvasir-SEG/masks/a1.jpg": _jpeg(sample.mask.astype(np.uint8) * 255),
     })
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    folder = data._verify_and_unpack(archive, tmp_path / "out", digest)
+    folder = data.unpack_archive(archive, tmp_path / "out", digest)
     assert folder == tmp_path / "out" / "Kvasir-SEG" and data.detect_layout(folder) == "kvasir"
     with pytest.raises(DataError, match="checksum mismatch"):
-        data._verify_and_unpack(archive, tmp_path / "out2", "0" * 64)
-    with pytest.warns(UserWarning, match="not verified"):
-        data._verify_and_unpack(archive, tmp_path / "out3", None)
+        data.unpack_archive(archive, tmp_path / "out2", "0" * 64)
+    assert not (tmp_path / "out2").exists()
     evil = _zip(tmp_path / "evil.zip", {"Kvasir-SEG/images/a.jpg": b"x", "../escaped.txt": b"x"})
-    with pytest.raises(DataError, match="escaped.txt"), pytest.warns(UserWarning):
-        data._verify_and_unpack(evil, tmp_path / "out4", None)
+    with pytest.raises(DataError, match="escaped.txt"):
+        data.unpack_archive(evil, tmp_path / "out4", hashlib.sha256(evil.read_bytes()).hexdigest())
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out4").exists()
+
+
+# ----------------------------------------------------------------------------- the one split builder
+
+
+def _write_pairs(root: Path, ids, size=16, suffix=".png") -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    sample = toy(1, size=size)[0]
+    for i in ids:
+        Image.fromarray(sample.image).save(root / "images" / f"{i}{suffix}")
+        Image.fromarray(sample.mask.astype(np.uint8) * 255).save(root / "masks" / f"{i}.png")
+    return root
+
+
+def test_build_split_uses_each_data_sets_own_default(tmp_path):
+    clinicdb = _write_pairs(tmp_path / "clinicdb", ALL_IDS)
+    pranet = data.build_split(clinicdb)
+    assert pranet["scheme"] == "pranet" and pranet["test"] == data.make_split(ALL_IDS, "pranet")["test"]
+    assert pranet["data"] == str(clinicdb)
+    for k in range(5):  # --fold K means the same frames wherever the split is made
+        fold = data.build_split(clinicdb, fold=k, seed=2)
+        assert fold["scheme"] == "kfold" and fold == data.make_split(ALL_IDS, "kfold", fold=k, seed=2) | {"data": str(clinicdb)}
+    everything = data.build_split(clinicdb, scheme="all")
+    assert everything["test"] == sorted(ALL_IDS, key=int) and not everything["train"] and not everything["val"]
+    toy_split = data.build_split("toy", seed=3)
+    assert toy_split["scheme"] == "random" and toy_split["data"] == "toy"
+    assert sorted(toy_split["train"] + toy_split["val"] + toy_split["test"]) == data.dataset_ids("toy")
+    with pytest.raises(ValueError, match="--fold needs CVC-ClinicDB"):
+        data.build_split("toy", fold=1)
+    with pytest.raises(ValueError, match="unknown split scheme"):
+        data.build_split(clinicdb, scheme="pranett")
+
+
+def test_published_split_keeps_the_authors_test_set_and_carves_val_from_train(tmp_path):
+    ids = [f"c{i:02d}" for i in range(30)]
+    root = _write_pairs(tmp_path / "kvasir-like", ids, suffix=".jpg")
+    (root / "train.txt").write_text("\n".join(ids[:24]) + "\n")
+    (root / "val.txt").write_text("\n".join(ids[24:]) + "\n")
+    split = data.build_split(root, seed=1)
+    assert split["scheme"] == "published" and split["test"] == ids[24:]
+    assert sorted(split["train"] + split["val"]) == ids[:24] and 1 <= len(split["val"]) <= 4
+    assert data.build_split(root, seed=1) == split and data.build_split(root, seed=2)["val"] != split["val"]
+    (root / "val.txt").write_text("c29\nnot_there\n")
+    with pytest.raises(DataError, match="not_there"):
+        data.build_split(root)
+
+
+@pytest.mark.skipif(not (REAL_KVASIR := Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg").is_dir(),
+                    reason="Kvasir-SEG is not in ../shared/data/kvasir-seg")
+def test_real_kvasir_gets_its_authors_split():
+    split = data.build_split(REAL_KVASIR)
+    assert split["scheme"] == "published" and len(split["test"]) == 120
+    assert len(split["train"]) + len(split["val"]) == 880

@@ -324,7 +324,7 @@ def test_mask_decoder_finetune_changes_only_the_decoder_and_improves_the_round_t
 
 
 def test_the_mask_decoder_stage_has_its_own_cache_key():
-    from syndiff_lib.train import autoencoder_cache_key
+    from syndiff_lib.autoencoder import autoencoder_cache_key
 
     a = get_profile("cpu")
     b = get_profile("cpu")

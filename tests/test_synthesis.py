@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from syndiff_lib import synthesis
+from syndiff_lib import cli, synthesis, viz
+from syndiff_lib.augment import traditional_augment
 from syndiff_lib.data import PRANET_TEST_IDS, Sample, load_dataset, make_toy_dataset
 from syndiff_lib.synthesis import (
     CopyPasteBackend, SDXLInpaintBackend, SynthesisError, consistency_score, field_of_view,
-    forbidden_region, load_prompts, mask_shape, sample_placement, synthesize, traditional_augment, write_manifest,
+    forbidden_region, load_prompts, mask_shape, sample_placement, synthesize, write_manifest,
 )
 from syndiff_lib.tiny_sdxl import tiny_sdxl_inpaint_pipeline
 
@@ -33,8 +34,8 @@ def toy():
 
 def run_cli(argv) -> int:
     parser = argparse.ArgumentParser()
-    synthesis.add_synth_arguments(parser)
-    return synthesis.synth_command(parser.parse_args([str(a) for a in argv]))
+    cli.add_synth_arguments(parser)
+    return cli.cmd_synth(parser.parse_args([str(a) for a in argv]))
 
 
 def folder_bytes(folder: Path) -> dict:
@@ -218,7 +219,7 @@ def test_synth_command_copy_paste_on_toy_data_and_user_backgrounds(tmp_path, cap
     assert len(synthetic) == 5
     for sample, r in zip(synthetic, records):  # label = new polyp | the background's own polyp
         assert sample.mask.sum() > (np.array(r["placement"]["diameter_px"]) ** 2 * np.pi / 4) * 0.8
-    fig = synthesis.fig2_grid(out, n=4, ncols=2)
+    fig = viz.fig2_grid(out, n=4, ncols=2)
     assert len(fig.axes) == 8  # 2 rows of frames, each over a row of masks
 
     folder = tmp_path / "normal"
@@ -249,9 +250,9 @@ def test_synth_command_rejects_bad_input(tmp_path):
 
 
 def test_clinicdb_test_frames_never_shape_a_synthetic_sample(tmp_path, clinicdb):
-    frames = synthesis.training_frames(clinicdb)
+    frames, split = synthesis.training_frames(clinicdb)
     ids = {s.id for s in frames}
-    assert len(ids) > 400 and not ids & set(PRANET_TEST_IDS)
+    assert len(ids) > 400 and not ids & set(PRANET_TEST_IDS) and not ids & set(split["val"])
     made = synthesize(CopyPasteBackend(), frames, tmp_path, 4)
     for r in made:
         assert r["background_id"] in ids and r["mask_source_id"] in ids
@@ -294,3 +295,38 @@ def test_synth_command_sdxl_loads_a_saved_pipeline_offline(tmp_path, capsys):
     assert run_cli(argv) == 0
     assert "2/2 samples" in capsys.readouterr().out
     assert [r["backend"] for r in synthesis.read_manifest(out)] == ["sdxl", "sdxl"]
+
+
+# ----------------------------------------------------------------------------- no leak across folds
+
+
+@pytest.fixture(scope="module")
+def clinicdb_like(tmp_path_factory):
+    """A stand-in for CVC-ClinicDB: toy frames saved as 1.png ... 612.png, so ids, sequences
+    and folds are ClinicDB's, whether or not the real data is here."""
+    root = tmp_path_factory.mktemp("clinicdb-like")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i, sample in enumerate(make_toy_dataset(n=612, size=64, seed=5), start=1):
+        synthesis.Image.fromarray(sample.image).save(root / "images" / f"{i}.png")
+        synthesis.Image.fromarray(sample.mask.astype(np.uint8) * 255).save(root / "masks" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("fold", range(5))
+def test_synth_fold_takes_nothing_from_the_folds_held_out_or_validation_frames(tmp_path, clinicdb_like, fold):
+    from syndiff_lib.data import build_split, load_split
+    from syndiff_lib.train import check_synthetic_source
+
+    out = tmp_path / f"fold{fold}"
+    assert run_cli(["--data", clinicdb_like, "--out", out, "--n", 6, "--fold", fold, "--split-seed", 1]) == 0
+    split = build_split(clinicdb_like, fold=fold, seed=1)  # what `syndiff train --fold K --seed 1` trains on
+    held_out = set(split["test"]) | set(split["val"])
+    for r in synthesis.read_manifest(out):
+        assert r["background_id"] in split["train"] and r["mask_source_id"] in split["train"]
+        assert r["background_id"] not in held_out and r["mask_source_id"] not in held_out
+    assert load_split(out / "split.json")["train"] == split["train"]
+    check_synthetic_source(out, split)  # the matching run accepts it ...
+    other = build_split(clinicdb_like, fold=(fold + 1) % 5, seed=1)
+    with pytest.raises(ValueError, match="frames that this run holds out"):  # ... any other fold refuses it
+        check_synthetic_source(out, other)

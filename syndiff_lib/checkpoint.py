@@ -1,0 +1,104 @@
+"""Checkpoints of a training run: safetensors only, written aside and swapped in by renames.
+
+Taught in notebook 04 (training). A checkpoint folder holds what a killed run needs to go on
+exactly where it stopped: each model (diffusers' ``save_pretrained``), the optimizer's state
+(tensors in ``optimizer.safetensors``, the rest in ``optimizer.json``), the learning-rate
+schedule, the RNG states, the EMA's averaged weights, and ``state.json`` (the loop's step,
+clock and best validation so far), written last so that its presence marks the folder whole.
+No pickle is read or written anywhere: a checkpoint cannot run code when it is loaded.
+
+    RUN_DIR/checkpoint/  unet/  image_encoder/  optimizer.safetensors  optimizer.json
+                         rng.safetensors  ema.safetensors  state.json
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the run asked to resume from it."""
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Swap ``new`` in as ``final`` by renames, so a kill leaves the old or the new one whole."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _optimizer_to_safetensors(optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for param_id, entries in state["state"].items():
+        for name, value in entries.items():
+            key = f"{param_id}.{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                meta["scalars"][key] = value
+    return tensors, meta
+
+
+def _optimizer_from_safetensors(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, models: dict, optimizer, lr_scheduler, generator, state: dict, ema=None) -> None:
+    """Write RUN_DIR/checkpoint atomically: build checkpoint.tmp, then swap it in by renames."""
+    final, tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, model in models.items():
+        model.save_pretrained(tmp / name)
+    tensors, meta = _optimizer_to_safetensors(optimizer)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    save_file({"generator": generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    meta["lr_scheduler"] = lr_scheduler.state_dict()
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    if ema is not None:
+        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
+        state = state | {"ema_step": ema.optimization_step}
+    (tmp / "state.json").write_text(json.dumps(state))  # written last: marks the folder complete
+    replace_folder(tmp, final)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a kill between the two renames leaves .tmp or .old)."""
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        if (run_dir / name / "state.json").exists():
+            return run_dir / name
+    return None
+
+
+def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generator, ema=None) -> dict:
+    for name, model in models.items():
+        weights = load_file(path / name / "diffusion_pytorch_model.safetensors")
+        model.load_state_dict(weights)
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_optimizer_from_safetensors(load_file(path / "optimizer.safetensors"), meta))
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    rng = load_file(path / "rng.safetensors")
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    state = json.loads((path / "state.json").read_text())
+    if ema is not None:
+        if not (path / "ema.safetensors").exists():
+            raise CheckpointError(f"{path} has no EMA weights (it was written with ema_decay = 0); resume with the same config")
+        shadow = load_file(path / "ema.safetensors")
+        for i, p in enumerate(ema.shadow_params):
+            p.copy_(shadow[str(i)])
+        ema.optimization_step = state["ema_step"]
+    return state

@@ -1,0 +1,156 @@
+"""The experiment grid's machinery on the toy data at a few steps: cells, locks, resume, report.
+
+Never the real grid (that is days of CPU time); only that a grid of 2 rows x 2 folds runs,
+skips what is done, never runs a cell twice, resumes a killed cell and reports from its files.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from syndiff_lib import experiments
+from syndiff_lib.data import make_toy_dataset
+
+TINY_BUDGET = experiments.GridBudget(syndiff_steps=4, baseline_steps=3, val_every=2, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def clinicdb_like(tmp_path_factory):
+    """Toy frames saved as 1.png ... 612.png: ClinicDB's ids, sequences and folds."""
+    root = tmp_path_factory.mktemp("clinicdb-like")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i, sample in enumerate(make_toy_dataset(n=612, size=64, seed=5), start=1):
+        Image.fromarray(sample.image).save(root / "images" / f"{i}.png")
+        Image.fromarray(sample.mask.astype(np.uint8) * 255).save(root / "masks" / f"{i}.png")
+    return root
+
+
+def test_every_grid_has_rows_folds_and_a_trained_reference():
+    for name in experiments.GRIDS:
+        spec = experiments.grid_spec(name)
+        keys = {experiments.row_key(r) for r in spec["rows"]}
+        assert spec["reference"] in keys, name
+        for row in spec["rows"]:  # a row that reuses a model names one that some row trains
+            assert row.get("model") in set(experiments.TRAINED) | {None}, (name, row["row"])
+    assert len(experiments.TRAINED) == sum(len([r for r in g["rows"] if "key" in r]) for g in experiments.GRIDS.values()
+                                           if g is not experiments.GRIDS["noise"])  # keys are unique across tables
+    cells = experiments.grid_cells(experiments.grid_spec("table3"))
+    assert len({c.folder("g") for c in cells}) == len(cells)  # no two cells share a folder
+
+
+def test_cell_budgets_are_steps_and_the_baseline_gets_its_own():
+    spec = experiments.grid_spec("table1")
+    budget = experiments.GridBudget(syndiff_steps=900, baseline_steps=300)
+    syndiff, paper, baseline = (experiments.cell_profile(spec, row, budget) for row in spec["rows"])
+    assert syndiff.train.max_steps == 900 and baseline.train.max_steps == 300
+    assert syndiff.train.max_minutes >= 24 * 60  # never the wall clock
+    assert paper.diffusion.recipe == "paper" and syndiff.diffusion.recipe == "default"
+
+
+def test_a_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    folder = tmp_path / "cell"
+    assert experiments.take_lock(folder)
+    assert not experiments.take_lock(folder)  # held (by this live process)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = json.loads((folder / "lock").read_text()) | {"pid": int(dead.stdout)}
+    (folder / "lock").write_text(json.dumps(holder))
+    assert experiments.take_lock(folder)  # its process is gone
+    holder["host"] = "another-machine"
+    (folder / "lock").write_text(json.dumps(holder))
+    assert not experiments.take_lock(folder)  # another machine's lock is respected
+    experiments.release_lock(folder)
+    assert not (folder / "lock").exists()
+
+
+def test_smoke_grid_runs_resumes_and_reports(tmp_path, clinicdb_like):
+    out = tmp_path / "grid"
+    spec = experiments.grid_spec("smoke")
+    cells = experiments.grid_cells(spec)
+    assert len(cells) == 4  # 2 rows x 2 folds
+    # A cell another process holds is left alone.
+    experiments.take_lock(cells[0].folder(out))
+    holder = json.loads((cells[0].folder(out) / "lock").read_text())
+    (cells[0].folder(out) / "lock").write_text(json.dumps(holder | {"pid": os.getppid()}))  # a live process
+    first = experiments.run_grid("smoke", clinicdb_like, out, TINY_BUDGET, log=lambda *_: None)
+    assert first["done"] == 3 and cells[0].name in first["running"]
+    # Its holder died mid-training: the checkpoint it left is resumed, not started over.
+    experiments.release_lock(cells[0].folder(out))
+    record = json.loads((cells[1].folder(out) / "cell.json").read_text())
+    assert record["steps"] == 4 and record["fold"] == cells[1].fold and record["code"]
+    per_image = (cells[1].folder(out) / "per_image.jsonl").read_text().splitlines()
+    assert record["metrics"]["n"] == len(per_image) > 0
+    before = {c.name: (c.folder(out) / "cell.json").stat().st_mtime_ns for c in cells[1:]}
+    second = experiments.run_grid("smoke", clinicdb_like, out, TINY_BUDGET, log=lambda *_: None)
+    assert second["done"] == 4 and second["left"] == 0 and not second["running"]
+    assert before == {c.name: (c.folder(out) / "cell.json").stat().st_mtime_ns for c in cells[1:]}  # not redone
+    # The synthetic set of a fold comes from that fold's training frames only.
+    synthetic = [c for c in cells if c.row.get("synthetic")][0]
+    made = json.loads((synthetic.folder(out) / "cell.json").read_text())["synthetic"]
+    folder = made[0]["folder"]
+    split = json.loads((experiments.Path(folder) / "split.json").read_text())
+    manifest = [json.loads(line) for line in (experiments.Path(folder).with_name(
+        experiments.Path(folder).name.rsplit("-n", 1)[0]) / "manifest.jsonl").read_text().splitlines()]
+    assert all(r["background_id"] in split["train"] and r["mask_source_id"] in split["train"] for r in manifest)
+    # The report comes from the files alone.
+    lines = experiments.report("smoke", out)
+    reference, synth = lines
+    assert reference["cells"] == synth["cells"] == 2 and 0 <= reference["dice"] <= 1
+    assert synth["diff_low"] <= synth["diff"] <= synth["diff_high"] and synth["verdict"]
+    n_out_of_fold = sum(json.loads((c.folder(out) / "cell.json").read_text())["metrics"]["n"]
+                        for c in cells if c.row["key"] == "smoke_real")
+    assert synth["n_paired"] == n_out_of_fold
+
+
+def test_a_killed_cell_resumes_from_its_checkpoint(tmp_path, clinicdb_like):
+    out = tmp_path / "grid"
+    spec = experiments.grid_spec("smoke")
+    cell = experiments.grid_cells(spec)[0]
+    profile = experiments.cell_profile(spec, cell.row, TINY_BUDGET)
+    from syndiff_lib.train import train
+
+    run_dir = cell.run_folder(out)
+    # What a kill after the first checkpoint leaves: a run folder with a checkpoint at step 2.
+    import syndiff_lib.train as train_module
+
+    calls = {"n": 0}
+    real_fit_loss = train_module.training_loss
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real_fit_loss(*args, **kwargs)
+
+    train_module.training_loss = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(profile, clinicdb_like, run_dir, seed=0, fold=cell.fold, split_seed=experiments.SPLIT_SEED,
+                  log=lambda *_: None)
+    finally:
+        train_module.training_loss = real_fit_loss
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"] == 2
+    record = experiments.run_cell(cell, spec, clinicdb_like, out, TINY_BUDGET, log=lambda *_: None)
+    assert record["steps"] == 4
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "val_dice" in r] == [2, 4]
+
+
+def test_report_and_status_name_a_grid_that_does_not_exist():
+    with pytest.raises(ValueError, match="unknown grid"):
+        experiments.grid_spec("table9")
+
+
+def test_paired_bootstrap_resamples_whole_sequences():
+    diff = np.array([0.1, 0.1, 0.1, -0.1])
+    groups = np.array([1, 1, 1, 2])
+    mean, low, high = experiments.paired_bootstrap(diff, groups, n_boot=2000)
+    assert mean == pytest.approx(0.05)
+    assert low == pytest.approx(-0.1) and high == pytest.approx(0.1)  # only two sequences: all of one or the other
+    mean, low, high = experiments.paired_bootstrap(np.full(40, 0.2) + np.arange(40) * 1e-3, np.arange(40) // 4)
+    assert 0 < low < mean < high
