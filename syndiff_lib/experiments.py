@@ -78,10 +78,12 @@ SPLIT_SEED = 0  # every cell of every grid uses the same folds; the training see
 
 @dataclass
 class GridBudget:
-    """The training every cell gets, in steps (see the module docstring)."""
+    """The training every cell gets, in steps (see the module docstring). The defaults are the
+    cpu grid's, chosen from `syndiff bench --train-step cpu` on two quiet cores; the
+    measurement, the hardware and the rule are in results/cpu-clinicdb/budget.json."""
 
-    syndiff_steps: int = 1000
-    baseline_steps: int = 330  # the steps that cost the baseline what syndiff_steps cost SynDiff
+    syndiff_steps: int = 1200  # aims at a quarter of an hour of two cores at 128 x 128
+    baseline_steps: int = 366  # the steps that cost the baseline what syndiff_steps cost SynDiff
     val_every: int = 100
     checkpoint_every: int = 100
 
@@ -203,23 +205,33 @@ def synthetic_folder(out: Path, data, fold: int, seed: int, count: int, backend:
     training frames only, by sample index: the first k samples of a set are a k-sample set."""
     from .synthesis import CopyPasteBackend, synthesize, training_frames, write_manifest
 
-    full = Path(out) / "synthetic" / f"{backend}-fold{fold}-seed{seed}"
-    subset = full.with_name(full.name + f"-n{count}")
-    if (subset / "split.json").exists():
-        return subset
-    frames, split = training_frames(data, fold=fold, split_seed=SPLIT_SEED)
     if backend != "copy-paste":
         raise ValueError(f"the grid makes synthetic data offline with the copy-paste backend, not {backend!r}; "
                          "make an SDXL set with `syndiff synth --backend sdxl` and pass it as a folder")
-    synthesize(CopyPasteBackend(), frames, full, count, seed=seed, resume=True)
-    data_lib.save_split(split, full / "split.json")
-    records = [json.loads(line) for line in write_manifest(full, count).read_text().splitlines()]
-    kept = [r for r in records if r["kept"]][:count]
-    tmp = subset.with_name(subset.name + ".tmp")
-    ablations.synthetic_subset(full, kept, count, tmp)
-    data_lib.save_split(split, tmp / "split.json")  # written last: marks the subset whole
-    tmp.rename(subset)
+    full = Path(out) / "synthetic" / f"{backend}-fold{fold}-seed{seed}"
+    subset = full.with_name(full.name + f"-n{count}")
+    while not (subset / "split.json").exists():
+        if not take_lock(full):  # another process is making this fold's set: wait for it
+            time.sleep(10)
+            continue
+        try:
+            if not (subset / "split.json").exists():
+                frames, split = training_frames(data, fold=fold, split_seed=SPLIT_SEED)
+                synthesize(CopyPasteBackend(), frames, full, count, seed=seed, resume=True)
+                data_lib.save_split(split, full / "split.json")
+                records = [json.loads(line) for line in write_manifest(full, count).read_text().splitlines()]
+                tmp = subset.with_name(subset.name + ".tmp")
+                ablations.synthetic_subset(full, [r for r in records if r["kept"]][:count], count, tmp)
+                data_lib.save_split(split, tmp / "split.json")  # written last: marks the subset whole
+                tmp.rename(subset)
+        finally:
+            release_lock(full)
     return subset
+
+
+def data_name(data) -> str:
+    """A data set's name for a published record: its folder's name, never a path of this machine."""
+    return "toy" if data_lib.is_toy(data) else Path(data).resolve().name
 
 
 def run_cell(cell: Cell, spec: dict, data, out: Path, budget: GridBudget, log=print) -> dict | None:
@@ -262,9 +274,10 @@ def run_cell(cell: Cell, spec: dict, data, out: Path, budget: GridBudget, log=pr
         (folder / "per_image.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         record = {
             "grid": spec["name"], "row": cell.row["row"], "key": row_key(cell.row), "fold": cell.fold, "seed": cell.seed,
-            "split_seed": SPLIT_SEED, "inference_steps": cell.row.get("steps", 1), "data": str(data),
+            "split_seed": SPLIT_SEED, "inference_steps": cell.row.get("steps", 1), "data": data_name(data),
             "model": results["model"], "recipe": results["recipe"], "overrides": results["overrides"],
-            "synthetic": results["synthetic"], "steps": results["steps"], "train_seconds": results["train_seconds"],
+            "synthetic": [{"n": s["n"], "folder": os.path.relpath(s["folder"], out)} for s in results["synthetic"]],
+            "steps": results["steps"], "train_seconds": results["train_seconds"],
             "seconds_per_step": results["seconds_per_step"], "best_step": results["best_step"],
             "val_dice": results["val_dice"], "code": results["code"], "hardware": results["hardware"],
             "cell_wall_seconds": round(time.time() - start, 1), "metrics": summary, "config": results["config"],

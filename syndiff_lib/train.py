@@ -515,7 +515,7 @@ def train(
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     check_profile(profile)
     run_dir = Path(out)
-    t_start = time.time()
+    t_start, code = time.time(), code_version()  # the code as it was when the run began
     tcfg = profile.train
     accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
     is_main = accelerator.is_main_process
@@ -575,7 +575,7 @@ def train(
         "best_weights": state.get("best_weights"),
         "val_dice": state["best_val_dice"],
         **extra,
-        "code": code_version(),
+        "code": code,
         "hardware": hardware_info(accelerator),
     }
     if is_main:

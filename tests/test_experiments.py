@@ -92,10 +92,10 @@ def test_smoke_grid_runs_resumes_and_reports(tmp_path, clinicdb_like):
     # The synthetic set of a fold comes from that fold's training frames only.
     synthetic = [c for c in cells if c.row.get("synthetic")][0]
     made = json.loads((synthetic.folder(out) / "cell.json").read_text())["synthetic"]
-    folder = made[0]["folder"]
-    split = json.loads((experiments.Path(folder) / "split.json").read_text())
-    manifest = [json.loads(line) for line in (experiments.Path(folder).with_name(
-        experiments.Path(folder).name.rsplit("-n", 1)[0]) / "manifest.jsonl").read_text().splitlines()]
+    folder = out / made[0]["folder"]  # recorded relative to the grid folder: no machine paths in results
+    split = json.loads((folder / "split.json").read_text())
+    manifest = [json.loads(line) for line in
+                (folder.with_name(folder.name.rsplit("-n", 1)[0]) / "manifest.jsonl").read_text().splitlines()]
     assert all(r["background_id"] in split["train"] and r["mask_source_id"] in split["train"] for r in manifest)
     # The report comes from the files alone.
     lines = experiments.report("smoke", out)
