@@ -81,7 +81,7 @@ class Sample:
             raise ValueError(f"Sample {self.id}: mask must be bool {image.shape[:2]}, got {mask.dtype} {mask.shape}")
 
 
-def _natural_key(text: str) -> list:
+def natural_key(text: str) -> list:
     """Sort key that puts "2" before "10": digit runs compare as numbers."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
@@ -200,7 +200,7 @@ def _scan(root) -> tuple[str, list[tuple[str, Path, Path]], list[str]]:
     problems, by_stem = [], []
     for folder in (image_dir, mask_dir):
         files = {}
-        for path in sorted(_image_files(folder), key=lambda p: _natural_key(p.name)):
+        for path in sorted(_image_files(folder), key=lambda p: natural_key(p.name)):
             if path.stem in files:
                 problems.append(f"{path.relative_to(root)}: same stem as {files[path.stem].name}")
             else:
@@ -213,8 +213,8 @@ def _scan(root) -> tuple[str, list[tuple[str, Path, Path]], list[str]]:
         problems.append(f"{images[stem].relative_to(root)}: image without a mask in {mask_dir.name}/")
     for stem in masks.keys() - images.keys():
         problems.append(f"{masks[stem].relative_to(root)}: mask without an image in {image_dir.name}/")
-    ids = sorted(images.keys() & masks.keys(), key=_natural_key)
-    return layout, [(i, images[i], masks[i]) for i in ids], sorted(problems, key=_natural_key)
+    ids = sorted(images.keys() & masks.keys(), key=natural_key)
+    return layout, [(i, images[i], masks[i]) for i in ids], sorted(problems, key=natural_key)
 
 
 def _raise_problems(root, problems: list[str]) -> None:
@@ -275,7 +275,7 @@ def check_dataset(root) -> dict:
             h, w = grey.shape
             sizes[f"{w}x{h}"] = sizes.get(f"{w}x{h}", 0) + 1
             foreground.append(float((grey > MASK_THRESHOLD).mean()))
-    _raise_problems(root, sorted(problems, key=_natural_key))
+    _raise_problems(root, sorted(problems, key=natural_key))
     return {
         "root": str(root),
         "layout": layout,
@@ -301,7 +301,7 @@ def _pick(ids, available: dict, root) -> list[str]:
     unknown = [i for i in wanted if i not in available]
     if unknown:
         raise DataError(f"dataset {root}: ids not found: {', '.join(unknown[:20])}")
-    return sorted(wanted, key=_natural_key)
+    return sorted(wanted, key=natural_key)
 
 
 def load_dataset(root, size: int | None = None, ids=None, check: bool = True) -> list[Sample]:
@@ -447,7 +447,7 @@ def unpack_archive(archive, dest, sha256: str) -> Path:
 # ----------------------------------------------------------------------------- splits
 
 
-def _clinicdb_frame(frame_id) -> int | None:
+def clinicdb_frame(frame_id) -> int | None:
     """The frame number of a ClinicDB id ("17" -> 17), or None for anything else."""
     text = str(frame_id)
     return int(text) if text.isdigit() and 1 <= int(text) <= CLINICDB_SEQUENCES[-1][1] else None
@@ -455,7 +455,7 @@ def _clinicdb_frame(frame_id) -> int | None:
 
 def clinicdb_sequence(frame_id) -> int:
     """The video sequence (1..29) of a ClinicDB frame id such as "17" or 17 (notebook 01)."""
-    frame = _clinicdb_frame(frame_id)
+    frame = clinicdb_frame(frame_id)
     if frame is None:
         raise ValueError(f"{frame_id!r} is not a CVC-ClinicDB frame id (1..612)")
     return next(k for k, (first, last) in enumerate(CLINICDB_SEQUENCES, start=1) if first <= frame <= last)
@@ -464,7 +464,7 @@ def clinicdb_sequence(frame_id) -> int:
 def _carve(ids: list[str], group_of: dict, fraction: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
     """Take whole groups, in a seeded random order, until about fraction * len(ids) ids are taken."""
     count = Counter(group_of[i] for i in ids)  # frames per group
-    groups = sorted(count, key=lambda g: _natural_key(str(g)))
+    groups = sorted(count, key=lambda g: natural_key(str(g)))
     target, taken, n_taken = fraction * len(ids), set(), 0
     for k in rng.permutation(len(groups)):
         if abs(n_taken + count[groups[k]] - target) < abs(n_taken - target):  # closer to the target with it
@@ -475,7 +475,7 @@ def _carve(ids: list[str], group_of: dict, fraction: float, rng: np.random.Gener
 
 def _deal_into_folds(count: Counter, folds: int, rng: np.random.Generator) -> dict:
     """Assign each group (count: frames per group) to a fold so that folds hold near-equal numbers of frames."""
-    groups = sorted(count, key=lambda g: _natural_key(str(g)))
+    groups = sorted(count, key=lambda g: natural_key(str(g)))
     groups = [groups[k] for k in rng.permutation(len(groups))]  # the seed breaks ties
     fold_of, size = {}, [0] * folds
     for group in sorted(groups, key=lambda g: -count[g]):  # biggest group to the lightest fold
@@ -511,7 +511,7 @@ def make_split(ids, scheme: str = "pranet", *, fold: int = 0, folds: int = 5, va
     by "random" only. Returns {"scheme", "seed", "fold", "folds", "train", "val", "test"}.
     """
     ids = [str(i) for i in ids]
-    not_clinicdb = [i for i in ids if _clinicdb_frame(i) is None]
+    not_clinicdb = [i for i in ids if clinicdb_frame(i) is None]
     if scheme not in ("pranet", "kfold", "random"):
         raise ValueError(f"make_split: scheme must be 'pranet', 'kfold' or 'random', got {scheme!r}")
     if len(set(ids)) != len(ids):
@@ -550,8 +550,8 @@ def make_split(ids, scheme: str = "pranet", *, fold: int = 0, folds: int = 5, va
         test, rest = _carve(ids, group_of, test_fraction, rng)
     val, train = _carve(rest, group_of, val_fraction, rng)
     return {"scheme": scheme, "seed": seed, "fold": fold, "folds": folds,
-            "train": sorted(train, key=_natural_key), "val": sorted(val, key=_natural_key),
-            "test": sorted(test, key=_natural_key)}
+            "train": sorted(train, key=natural_key), "val": sorted(val, key=natural_key),
+            "test": sorted(test, key=natural_key)}
 
 
 SPLIT_SCHEMES = ("pranet", "kfold", "published", "random", "all")
@@ -613,7 +613,7 @@ def build_split(data, *, scheme: str | None = None, fold: int | None = None, fol
     if scheme not in SPLIT_SCHEMES:
         raise ValueError(f"unknown split scheme {scheme!r}; choose one of {', '.join(SPLIT_SCHEMES)}")
     ids = dataset_ids(data)
-    if scheme == "kfold" and any(_clinicdb_frame(i) is None for i in ids):
+    if scheme == "kfold" and any(clinicdb_frame(i) is None for i in ids):
         raise ValueError(f"{data}: --fold needs CVC-ClinicDB (its video sequences define the folds)")
     if scheme == "all":
         split = {"scheme": "all", "seed": seed, "fold": None, "folds": None, "train": [], "val": [], "test": ids}
@@ -622,13 +622,13 @@ def build_split(data, *, scheme: str | None = None, fold: int | None = None, fol
         if listed is None:
             raise ValueError(f"{data}: the 'published' split needs {' and '.join(PUBLISHED_SPLIT_FILES)} in the folder")
         train, test = listed
-        unknown = sorted(set(train + test) - set(ids), key=_natural_key)
+        unknown = sorted(set(train + test) - set(ids), key=natural_key)
         if unknown:
             raise DataError(f"{data}: {len(unknown)} ids of {'/'.join(PUBLISHED_SPLIT_FILES)} have no image/mask pair, "
                             f"e.g. {', '.join(unknown[:5])}")
-        val, train = _carve(sorted(train, key=_natural_key), {i: i for i in train}, val_fraction, np.random.default_rng(seed))
+        val, train = _carve(sorted(train, key=natural_key), {i: i for i in train}, val_fraction, np.random.default_rng(seed))
         split = {"scheme": "published", "seed": seed, "fold": None, "folds": None,
-                 "train": train, "val": val, "test": sorted(test, key=_natural_key)}
+                 "train": train, "val": val, "test": sorted(test, key=natural_key)}
     else:
         split = make_split(ids, scheme, fold=fold or 0, folds=folds, seed=seed, val_fraction=val_fraction)
     return split | {"data": "toy" if is_toy(data) else str(data)}
@@ -658,6 +658,6 @@ def load_split(path) -> dict:
     parts = [set(split[key]) for key in ("train", "val", "test")]
     overlap = (parts[0] & parts[1]) | (parts[0] & parts[2]) | (parts[1] & parts[2])
     if overlap:
-        overlap = sorted(overlap, key=_natural_key)
+        overlap = sorted(overlap, key=natural_key)
         raise DataError(f"{path}: ids in more than one of train/val/test: {overlap[:10]}")
     return split

@@ -93,7 +93,7 @@ def check_synthetic_source(folder, split: dict) -> None:
     theirs = data_lib.load_split(source)
     if not data_lib.same_data(theirs.get("data"), split["data"]):
         return
-    leaked = sorted(set(theirs["train"]) - set(split["train"]), key=data_lib._natural_key)
+    leaked = sorted(set(theirs["train"]) - set(split["train"]), key=data_lib.natural_key)
     if leaked:
         raise ValueError(f"{folder} was made from {len(leaked)} frames that this run holds out (e.g. {', '.join(leaked[:5])}); "
                          f"make it with `syndiff synth` on this split (--fold {split.get('fold')} --split-seed {split.get('seed')})")
