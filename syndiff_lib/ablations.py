@@ -10,7 +10,8 @@ How we read the paper's rows: "Baseline" is real data with no augmentation (= Ta
 rows change one thing of that model, except "+ Traditional augmentation", which is Table 3's
 "Traditional" row (real data + flips and a small rotation). Synthetic counts are the paper's,
 on its 488 training frames; :func:`scaled_count` scales them to our training set. The GAN
-row is not run: there is no GAN in this project.
+row's samples come from a pix2pix inpainting GAN trained on the fold's training frames
+(gan.py); every other synthetic row uses the backend the grid is given.
 
 Every count and budget the notebooks print is computed here, not in a cell: how many
 synthetic samples notebook 02 makes (:func:`synthetic_set_size`), what each row of the grid
@@ -46,7 +47,8 @@ TABLE2 = [
 TABLE3 = [
     {"row": "None", "samples": 0, "paper": (93.7, 89.6), "model": "real"},
     {"row": "Traditional (rotation, flip)", "samples": "-", "paper": (94.8, 90.7), "model": "traditional"},
-    {"row": "GAN-based", "samples": 100, "paper": (95.2, 91.8), "model": None},
+    {"row": "GAN-based", "samples": 100, "paper": (95.2, 91.8), "key": "gan100",
+     "train": NO_FLIPS, "synthetic": 100, "backend": "gan"},
     {"row": "Text-guided (20)", "samples": 20, "paper": (94.1, 90.2), "key": "text20",
      "train": NO_FLIPS, "synthetic": 20},
     {"row": "Text-guided (50)", "samples": 50, "paper": (95.1, 91.5), "key": "text50",
@@ -125,7 +127,8 @@ def synthetic_subset(synthetic_dir, records: list[dict], k: int, dest) -> Path:
     """Copy the first k kept samples of a synthetic run into ``dest`` (a folder of its own).
 
     Sample i of a synthetic run depends only on the seed and i, so the first k samples of a
-    run are exactly a k-sample run.
+    run are exactly a k-sample run. The run's split.json (the frames it was made from) goes
+    with them, so ``train --synthetic`` can still refuse samples made from held-out frames.
     """
     dest = Path(dest)
     shutil.rmtree(dest, ignore_errors=True)
@@ -133,6 +136,8 @@ def synthetic_subset(synthetic_dir, records: list[dict], k: int, dest) -> Path:
         for kind in ("image", "mask"):
             (dest / record[kind]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(synthetic_dir) / record[kind], dest / record[kind])
+    if (Path(synthetic_dir) / "split.json").exists():
+        shutil.copy(Path(synthetic_dir) / "split.json", dest / "split.json")
     return dest
 
 
@@ -149,8 +154,11 @@ def run_grid(rows, profile_name: str, data, out, test, *, vae_dir, synthetic_dir
 
     out = Path(out)
     kept = [r for r in read_manifest(synthetic_dir) if r["kept"]] if synthetic_dir else []
+    made_by = {r["backend"] for r in kept}
     scores, added = {}, {}
     for row in rows:
+        if row.get("backend") and row.get("backend") not in made_by:
+            continue  # a row of another backend's samples (the GAN row): these samples cannot stand in for them
         if "key" in row:
             run_dir = out / row["key"]
             shutil.rmtree(run_dir, ignore_errors=True)

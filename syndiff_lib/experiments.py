@@ -203,30 +203,50 @@ def release_lock(folder: Path) -> None:
 
 
 # --- one cell ----------------------------------------------------------------------------------
+def make_backend(backend: str, frames, split: dict, folder: Path, seed: int, gan_config=None):
+    """The synthesis backend of a fold's set: copy-paste, or a GAN trained on the fold's
+    training frames (saved in FOLDER/gan and reused). SDXL needs weights this machine cannot
+    download: with a GPU, make its sets with `syndiff synth --backend sdxl`."""
+    from .synthesis import CopyPasteBackend
+
+    if backend == "copy-paste":
+        return CopyPasteBackend()
+    if backend == "gan":
+        import torch
+
+        from . import gan
+
+        if not (folder / "gan" / "generator.safetensors").exists():
+            cfg = dataclasses.replace(gan_config or gan.GANConfig(), seed=seed)
+            gan.save_gan(gan.train_inpainting_gan(frames, cfg, torch.Generator().manual_seed(cfg.seed), log=lambda *_: None),
+                         folder / "gan")
+        model = gan.load_gan(folder / "gan")
+        gan.check_trained_on(model, split["train"])
+        return gan.GANInpaintBackend(model, model_id=f"gan-fold{split['fold']}-seed{seed}")
+    raise ValueError(f"the grid makes synthetic data offline with copy-paste or gan, not {backend!r}; "
+                     "make an SDXL set with `syndiff synth --backend sdxl` and pass it as a folder")
+
+
 def synthetic_folder(out: Path, data, fold: int, seed: int, count: int, backend: str = "copy-paste") -> Path:
     """The fold's synthetic set of ``count`` samples, made (once, then reused) from the fold's
     training frames only, by sample index: the first k samples of a set are a k-sample set."""
-    from .synthesis import CopyPasteBackend, synthesize, training_frames, write_manifest
+    from .synthesis import synthesize, training_frames, write_manifest
 
-    if backend != "copy-paste":
-        raise ValueError(f"the grid makes synthetic data offline with the copy-paste backend, not {backend!r}; "
-                         "make an SDXL set with `syndiff synth --backend sdxl` and pass it as a folder")
     full = Path(out) / "synthetic" / f"{backend}-fold{fold}-seed{seed}"
     subset = full.with_name(full.name + f"-n{count}")
-    while not (subset / "split.json").exists():
+    while not subset.exists():
         if not take_lock(full):  # another process is making this fold's set: wait for it
             time.sleep(10)
             continue
         try:
-            if not (subset / "split.json").exists():
+            if not subset.exists():
                 frames, split = training_frames(data, fold=fold, split_seed=SPLIT_SEED)
-                synthesize(CopyPasteBackend(), frames, full, count, seed=seed, resume=True)
+                synthesize(make_backend(backend, frames, split, full, seed), frames, full, count, seed=seed, resume=True)
                 data_lib.save_split(split, full / "split.json")
                 records = [json.loads(line) for line in write_manifest(full, count).read_text().splitlines()]
                 tmp = subset.with_name(subset.name + ".tmp")
                 ablations.synthetic_subset(full, [r for r in records if r["kept"]][:count], count, tmp)
-                data_lib.save_split(split, tmp / "split.json")  # written last: marks the subset whole
-                tmp.rename(subset)
+                tmp.rename(subset)  # whole from here on: its split.json came with it
         finally:
             release_lock(full)
     return subset
@@ -260,7 +280,8 @@ def run_cell(cell: Cell, spec: dict, data, out: Path, budget: GridBudget, log=pr
             paper_count = cell.row.get("synthetic", 0)
             split = data_lib.build_split(data, fold=cell.fold, seed=SPLIT_SEED)
             count = ablations.scaled_count(paper_count, len(split["train"]), 10**6) if paper_count else 0
-            synthetic = [synthetic_folder(out, data, cell.fold, cell.seed, count)] if count else []
+            backend = cell.row.get("backend", spec.get("backend", "copy-paste"))
+            synthetic = [synthetic_folder(out, data, cell.fold, cell.seed, count, backend)] if count else []
             resume = find_checkpoint(run_dir) is not None
             if run_dir.exists() and not resume:  # killed before its first checkpoint: start it again
                 shutil.rmtree(run_dir)

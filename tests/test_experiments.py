@@ -154,3 +154,20 @@ def test_paired_bootstrap_resamples_whole_sequences():
     assert low == pytest.approx(-0.1) and high == pytest.approx(0.1)  # only two sequences: all of one or the other
     mean, low, high = experiments.paired_bootstrap(np.full(40, 0.2) + np.arange(40) * 1e-3, np.arange(40) // 4)
     assert 0 < low < mean < high
+
+
+def test_the_gan_rows_generator_learns_from_the_folds_training_frames_only(tmp_path, clinicdb_like):
+    from syndiff_lib import gan
+    from syndiff_lib.data import build_split
+    from syndiff_lib.synthesis import synthesize, training_frames
+
+    frames, split = training_frames(clinicdb_like, fold=2, split_seed=experiments.SPLIT_SEED)
+    backend = experiments.make_backend("gan", frames, split, tmp_path / "set", seed=0, gan_config=gan.TINY_GAN)
+    assert backend.name == "gan" and (tmp_path / "set" / "gan" / "generator.safetensors").exists()
+    trained_on = set(gan.load_gan(tmp_path / "set" / "gan").trained_on)
+    held_out = set(build_split(clinicdb_like, fold=2, seed=experiments.SPLIT_SEED)["test"]) | set(split["val"])
+    assert trained_on and trained_on <= set(split["train"]) and not trained_on & held_out
+    made = synthesize(backend, frames, tmp_path / "set", 2, seed=0)
+    assert [r["backend"] for r in made] == ["gan", "gan"]
+    with pytest.raises(ValueError, match="copy-paste or gan"):
+        experiments.make_backend("sdxl", frames, split, tmp_path / "other", seed=0)
