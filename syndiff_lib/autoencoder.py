@@ -243,8 +243,9 @@ def train_autoencoder(
 ) -> dict:
     """Train E and D on crops of training images and masks (tiny/cpu profiles only).
 
-    Stops after ``cfg.train_steps`` steps or ``cfg.train_minutes``, whichever comes first,
-    with a cosine learning-rate decay over the step budget. Returns a small summary.
+    Trains ``cfg.train_steps`` steps, with a cosine learning-rate decay over them; the
+    ``cfg.train_minutes`` safety cap may stop it earlier (the summary's "steps" says so).
+    Returns a small summary.
     """
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
@@ -270,13 +271,14 @@ def train_autoencoder(
 
 # --- the frozen autoencoder of a run: trained once, then cached -----------------------------
 MASK_DECODER_FIELDS = ("mask_decoder_steps", "mask_decoder_lr")  # the second stage: keyed on its own
+NOT_IN_KEY = ("train_minutes",)  # a safety cap defines no model: only complete trainings are cached
 
 
 def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int, stage: str = "autoencoder") -> str:
     """The cache key of the trained (E, D) ("autoencoder") or of it after the mask-decoder
     fine-tune ("mask_decoder"); the first stage's key ignores the second stage's settings,
     so changing those reuses the cached first stage."""
-    cfg = dict(profile.autoencoder.__dict__)
+    cfg = {k: v for k, v in profile.autoencoder.__dict__.items() if k not in NOT_IN_KEY}
     if stage == "autoencoder":
         cfg = {k: v for k, v in cfg.items() if k not in MASK_DECODER_FIELDS}
     where = str(data) if str(data) == "toy" else str(Path(data).resolve())  # one key whatever the working folder
@@ -284,14 +286,18 @@ def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int, stage: s
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: Path, seed: int, log=print) -> AutoencoderKL:
+def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: Path, seed: int, log=print,
+                    record: dict | None = None) -> AutoencoderKL:
     """The frozen (E, D): from the run folder, the cache, the hub (``full``), or trained now.
 
     Trained here in two cached stages: (E, D) on crops of images and masks
     (:func:`train_autoencoder`), then, if ``mask_decoder_steps`` > 0, D alone on whole masks
-    (:func:`finetune_mask_decoder`).
+    (:func:`finetune_mask_decoder`). ``record`` (a dict, if given) gets
+    "autoencoder_complete": False when the wall-clock cap stopped the training before its
+    steps (said loudly, and not cached), else True.
     """
     cfg = profile.autoencoder
+    complete = True
     if (run_dir / "vae" / "config.json").exists():
         vae = AutoencoderKL.from_pretrained(run_dir / "vae")
     elif cfg.pretrained is not None:
@@ -304,7 +310,6 @@ def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: P
             log(f"autoencoder: using the cached one (with its fine-tuned mask decoder) in {second}")
             vae = AutoencoderKL.from_pretrained(second)
         else:
-            complete = True
             if (first / "config.json").exists():
                 log(f"autoencoder: using the cached one in {first}")
                 vae = AutoencoderKL.from_pretrained(first)
@@ -320,7 +325,9 @@ def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: P
                 if complete:  # only a complete training is shared with later runs
                     vae.save_pretrained(first)
                 else:
-                    log(f"autoencoder: stopped by its {cfg.train_minutes}-minute cap before {cfg.train_steps} steps; not cached")
+                    log(f"WARNING: the autoencoder's {cfg.train_minutes:g}-minute safety cap stopped it after "
+                        f"{summary['steps']} of {cfg.train_steps} steps: not the profile's autoencoder, so not cached "
+                        "(results.json: \"autoencoder_complete\": false)")
             if cfg.mask_decoder_steps > 0:
                 log(f"autoencoder: fine-tuning D on whole training masks for {cfg.mask_decoder_steps} steps (L1 + soft Dice)")
                 summary = finetune_mask_decoder(vae, masks, cfg, torch.Generator().manual_seed(seed), log)
@@ -329,6 +336,8 @@ def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: P
                     vae.save_pretrained(second)
         vae.save_pretrained(run_dir / "vae")
     vae.eval().requires_grad_(False)
+    if record is not None:
+        record["autoencoder_complete"] = complete
     return vae
 
 

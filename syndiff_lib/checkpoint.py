@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -84,6 +85,19 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generator, ema=None) -> dict:
+    """Restore a run from the checkpoint folder ``path``; a damaged or mismatched file is one
+    CheckpointError naming the folder (a kill never leaves one: see save_checkpoint)."""
+    try:
+        return _load_checkpoint(path, models, optimizer, lr_scheduler, generator, ema)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: the checkpoint cannot be loaded ({reason}); it is damaged or from another "
+                              "model: start the run again with --overwrite") from None
+
+
+def _load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generator, ema=None) -> dict:
     for name, model in models.items():
         weights = load_file(path / name / "diffusion_pytorch_model.safetensors")
         model.load_state_dict(weights)

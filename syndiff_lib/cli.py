@@ -3,9 +3,11 @@
     syndiff data check DIR
     syndiff train --profile tiny|cpu|full --data DIR --out RUN_DIR [--resume] [--seed N] ...
     syndiff evaluate --checkpoint RUN_DIR --data DIR --split test|val|all [--steps N] [--t-infer T] [--json]
-    syndiff segment --checkpoint RUN_DIR IMAGE_OR_DIR... --out DIR
-    syndiff bench --checkpoint RUN_DIR --steps 1,50,100 [--batch B] [--device cpu|cuda] [--json]
-    syndiff synth --backend sdxl|copy-paste --data DIR --out DIR --n 100 ...
+    syndiff segment --checkpoint RUN_DIR IMAGE_OR_DIR... --out DIR [--runtime torch|onnxruntime]
+    syndiff segment --checkpoint RUN_DIR VIDEO_OR_FRAME_DIR --out DIR --overlay CLIP.mp4
+    syndiff export --checkpoint RUN_DIR --out EXPORT_DIR [--int8]
+    syndiff bench --checkpoint RUN_DIR --steps 1,50,100 [--batch B] [--device cpu|cuda] [--runtime torch|onnxruntime] [--json]
+    syndiff synth --backend sdxl|copy-paste|gan --data DIR --out DIR --n 100 ...
 
 ``--data`` defaults to $SYNDIFF_DATA, else the built-in toy dataset ("toy"). Bad input ends
 with one line "error: ..." on stderr and exit code 2, before any long work starts.
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +51,25 @@ DIFFUSION_FLAGS = {  # flag dest -> DiffusionConfig field
     "zero_snr": "rescale_zero_terminal_snr", "decoder_loss_fraction": "decoder_loss_fraction",
     "latent_loss": "latent_loss",
 }
-TRAIN_FLAGS = ("max_steps", "max_minutes", "lr", "batch_size", "checkpoint_every", "val_every", "mixed_precision",
-               "ema_decay")
+TRAIN_FLAGS = ("max_steps", "baseline_steps", "max_minutes", "lr", "batch_size", "checkpoint_every", "val_every",
+               "mixed_precision", "ema_decay")
+STEP_BUDGET = {"syndiff": "max_steps", "baseline": "baseline_steps"}  # the TrainConfig field each model trains for
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count that must be >= 1 (steps, batch sizes, sizes)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def timestep(text: str) -> int:
+    """argparse type: a diffusion timestep, >= 0 (the model's own T bounds it above)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a timestep in 0..T-1 (T = 1000 for every profile), got {value}")
+    return value
 
 
 def profile_from_args(args):
@@ -65,6 +86,10 @@ def profile_from_args(args):
         raise ValueError("the baseline has no diffusion and no image encoder: the diffusion and encoder options "
                          "apply to --model syndiff only")
     profile.diffusion = dataclasses.replace(profile.diffusion, **diffusion)
+    other = "baseline" if args.model == "syndiff" else "syndiff"
+    if getattr(args, STEP_BUDGET[other]) is not None:  # a step budget this model would silently ignore
+        raise ValueError(f"--{STEP_BUDGET[other].replace('_', '-')} is the {other} model's step budget; a {args.model} "
+                         f"run trains --{STEP_BUDGET[args.model].replace('_', '-')} steps")
     train = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     if args.freeze_encoder:
         train["freeze_encoder"] = True
@@ -80,7 +105,8 @@ def cmd_train(args) -> int:
 
     profile = profile_from_args(args)
     results = train(profile, args.data or default_data(), args.out, model=args.model, resume=args.resume, seed=args.seed,
-                    fold=args.fold, folds=args.folds, split_seed=args.split_seed, synthetic=args.synthetic or ())
+                    fold=args.fold, folds=args.folds, split_seed=args.split_seed, synthetic=args.synthetic or (),
+                    overwrite=args.overwrite)
     print(json.dumps({k: results[k] for k in ("steps", "train_seconds", "val_dice", "best_step")}))
     return 0
 
@@ -103,10 +129,11 @@ def split_samples(run_dir: Path, data, split_name: str, size: int):
 def cmd_evaluate(args) -> int:
     import torch
 
-    from .pipeline import evaluate, load_pipeline
+    from .pipeline import check_segment_options, evaluate, load_pipeline
 
     data = args.data or default_data()
     pipe = load_pipeline(args.checkpoint, device=args.device)
+    check_segment_options(pipe, args.steps, args.t_infer)  # before the data is read
     samples = split_samples(Path(args.checkpoint), data, args.split, pipe.profile.train.image_size)
     if not samples:
         raise ValueError(f"the {args.split} split of {data} is empty")
@@ -126,29 +153,39 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_segment(args) -> int:
-    from PIL import Image
+    from .data import files_to_segment
+    from .export import load_segmenter
+    from .pipeline import check_segment_options, segment_files
+    from .video import find_clip, segment_clip
 
-    from .data import IMAGE_SUFFIXES, read_image
-    from .pipeline import load_pipeline, segment
-
-    files = []
-    for item in map(Path, args.inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.exists():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    if not files:
-        raise ValueError(f"no images found in {', '.join(args.inputs)}")
-    images = [read_image(f) for f in files]  # checked up front: an unreadable file stops here
-    pipe = load_pipeline(args.checkpoint, device=args.device)
-    out = segment(pipe, images, args.steps, args.t_infer, args.seed)
     out_dir = Path(args.out)
+    clip = find_clip(args.inputs, out_dir, args.overlay)  # a video file or frame folder, checked; else None
+    files = None if clip else files_to_segment(args.inputs, out_dir)  # every input problem, in one error, before the model loads
+    pipe = load_segmenter(args.checkpoint, args.runtime, device=args.device)
+    check_segment_options(pipe, args.steps, args.t_infer)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for f, mask in zip(files, out.masks):
-        Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).save(out_dir / f"{f.stem}.png")
-    print(f"wrote {len(files)} masks to {out_dir}")
+    if clip:
+        stats = segment_clip(pipe, clip, out_dir, args.overlay, args.steps, args.t_infer, args.seed)
+        print(f"wrote {stats['frames']} masks to {out_dir}" + (f" and the overlay clip {stats['overlay']}" if stats["overlay"] else ""))
+        print(f"{stats['frames_per_s']:.1f} frames/s end to end; model call per frame p50 {stats['latency_p50_s'] * 1000:.1f} ms, "
+              f"p95 {stats['latency_p95_s'] * 1000:.1f} ms ({args.runtime})")
+        return 0
+    written = segment_files(pipe, files, out_dir, args.steps, args.t_infer, args.seed)  # batch by batch
+    print(f"wrote {written} masks to {out_dir}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .data import make_toy_dataset
+    from .export import compare_graphs, export_onnx
+
+    record = export_onnx(args.checkpoint, args.out, int8=args.int8)
+    print(f"wrote {Path(args.out) / record['graph']} and preprocess.json ({record['model']}, opset {record['opset']}, "
+          f"{record['image_size']}x{record['image_size']}, batch {record['batch']})")
+    if args.int8:  # how far int8 moves the masks, on toy frames; whether to ship it is decided on real data
+        agreement = compare_graphs(args.out, [s.image for s in make_toy_dataset(8, size=record["image_size"])])
+        print(f"wrote {Path(args.out) / record['int8_graph']}: Dice against the fp32 graph {agreement['dice']:.4f}, "
+              f"largest soft-mask difference {agreement['soft_max_abs']:.4f} (8 toy frames)")
     return 0
 
 
@@ -159,8 +196,20 @@ def cmd_bench(args) -> int:
     from .config import get_profile
     from .pipeline import SynDiffPipeline
 
+    if args.runtime == "onnxruntime":  # one fused graph, one step: only the whole call is timed
+        from .export import OnnxPipeline, benchmark_onnx
+
+        if not args.checkpoint or args.random_init or args.train_step or args.steps not in (None, "1") or args.dtype != "fp32":
+            raise ValueError("--runtime onnxruntime times an exported graph at one step in fp32: give --checkpoint "
+                             "EXPORT_DIR_OR_RUN, and no --random-init, --train-step, --dtype or --steps other than 1")
+        result = benchmark_onnx(OnnxPipeline.from_pretrained(args.checkpoint, device=args.device), args.batch,
+                                args.warmup, args.repeats)
+        result["model"] = str(args.checkpoint)
+        print(json.dumps(result) if args.json else
+              f"   1 step(s): {result['latency_s']['1'] * 1000:9.1f} ms  (onnxruntime, batch {args.batch})")
+        return 0
     try:
-        steps = [int(s) for s in args.steps.split(",")]
+        steps = [int(s) for s in (args.steps or "1,50,100").split(",")]
     except ValueError:
         raise ValueError(f"--steps must be a comma-separated list of step counts, got {args.steps!r}") from None
     if any(n < 1 for n in steps) or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
@@ -233,9 +282,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `syndiff synth` (notebook 02)."""
     from .synthesis import SDXL_INPAINT_MODEL_ID, SDXL_INPAINT_REVISION
 
-    parser.add_argument("--backend", choices=("copy-paste", "sdxl"), default="copy-paste",
+    parser.add_argument("--backend", choices=("copy-paste", "sdxl", "gan"), default="copy-paste",
                         help="sdxl: the paper's text-guided inpainting (downloads ~7 GB of weights, wants a GPU); "
-                             "copy-paste: offline Poisson blending of real training polyps")
+                             "copy-paste: offline Poisson blending of real training polyps; "
+                             "gan: a pix2pix inpainting GAN trained here on the split's training frames")
     parser.add_argument("--data", required=True, help='data set folder ("toy" for the toy set): its TRAINING '
                         "frames give the mask sources and, without --backgrounds, the backgrounds")
     parser.add_argument("--out", required=True, help="output folder: images/, masks/, manifest.jsonl")
@@ -261,8 +311,11 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default=None, help="sdxl: replaces every prompt's negative prompt")
     parser.add_argument("--fp16", action="store_true", help="sdxl: fp16 weights and compute (GPU)")
     parser.add_argument("--cpu-offload", action="store_true", help="sdxl: keep sub-models on the CPU until they run")
-    parser.add_argument("--device", default=None, help="sdxl: torch device (default: accelerate's device for "
+    parser.add_argument("--device", default=None, help="sdxl, gan: torch device (default: accelerate's device for "
                         "this process)")
+    parser.add_argument("--gan-steps", type=int, default=None, help="gan: training steps (default: GANConfig.steps)")
+    parser.add_argument("--gan-model", default=None, help="gan: folder of a GAN saved by an earlier run (OUT/gan) "
+                        "to use instead of training one; it must come from this split's training frames")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -292,6 +345,23 @@ def cmd_synth(args: argparse.Namespace) -> int:
             model_id=args.model_id, revision=args.revision, device=args.device or state.device, fp16=args.fp16,
             cpu_offload=args.cpu_offload, steps=args.steps, guidance=args.guidance, strength=args.strength,
             resolution=args.resolution, padding_mask_crop=args.padding_mask_crop, negative_prompt=args.negative_prompt)
+    elif args.backend == "gan":  # trained here on this split's training frames, once, or loaded from --gan-model
+        import torch
+
+        from . import gan
+
+        if args.gan_steps is not None and args.gan_steps < 1:
+            raise SynthesisError(f"--gan-steps must be a positive number of steps, got {args.gan_steps}")
+        folder, device = Path(args.gan_model or Path(args.out) / "gan"), args.device or state.device
+        reuse = args.gan_model is not None or (args.resume and (folder / "generator.safetensors").exists())
+        if not reuse and state.is_main_process:
+            cfg = dataclasses.replace(gan.GANConfig(), steps=args.gan_steps or gan.GANConfig.steps)
+            model = gan.train_inpainting_gan(frames, cfg, torch.Generator().manual_seed(cfg.seed), device=device)
+            gan.save_gan(model, folder)
+        state.wait_for_everyone()  # the other processes load what the main process trained
+        model = gan.load_gan(folder, device=device)
+        gan.check_trained_on(model, split["train"])
+        backend = gan.GANInpaintBackend(model, model_id=str(folder), device=device)
     else:
         backend = CopyPasteBackend()
     if state.is_main_process:
@@ -333,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (only a run: a folder holding other files is never deleted)")
     p.add_argument("--seed", type=int, default=0, help="initial weights, batches and noise")
     p.add_argument("--split-seed", type=int, default=None, help="the split's seed (default: --seed)")
     p.add_argument("--fold", type=int, default=None, help="k-fold cross-validation fold (ClinicDB, sequence-grouped)")
@@ -351,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-loss", choices=["l1", "balanced_l1"], default=None,
                    help="balanced_l1: polyp and background latent cells weigh half each (beyond the paper)")
     p.add_argument("--zero-snr", action="store_const", const=True, default=None, help="zero-terminal-SNR schedule")
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-steps", type=positive_int, default=None, help="SynDiff's step budget")
+    p.add_argument("--baseline-steps", type=positive_int, default=None,
+                   help="the baseline's step budget (default: the profile's, equal in compute to SynDiff's)")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -367,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                    help="train: the run's own training frames (to tell under- from overfitting)")
-    p.add_argument("--steps", type=int, default=1, help="1 = single step; > 1 = DDIM steps")
-    p.add_argument("--t-infer", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=1, help="1 = single step; > 1 = DDIM steps")
+    p.add_argument("--t-infer", type=timestep, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the inference noise")
     p.add_argument("--nsd-tolerance", type=float, default=None, help="NSD tolerance in pixels")
     p.add_argument("--device", default="cpu")
@@ -380,24 +454,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--t-infer", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=1)
+    p.add_argument("--t-infer", type=timestep, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="onnxruntime: the graph of `syndiff export` (--checkpoint EXPORT_DIR, or a run exported on the fly)")
+    p.add_argument("--overlay", default=None, metavar="CLIP.mp4",
+                   help="with one video file or frame folder: also write the overlay clip (.mp4, or .gif)")
     p.set_defaults(func=cmd_segment)
+
+    p = verbs.add_parser("export", help="one ONNX graph, frame to mask, plus its preprocess.json")
+    p.add_argument("--checkpoint", required=True, help="run folder (SynDiff or baseline)")
+    p.add_argument("--out", required=True, help="folder for model.onnx and preprocess.json")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic int8 quantisation)")
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("bench", help="latency of 1 vs T steps and of each part")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--random-init", default=None, choices=["tiny", "cpu", "full-random"], help="time an untrained architecture")
-    p.add_argument("--image-size", type=int, default=None, help="with --random-init: input side")
+    p.add_argument("--image-size", type=positive_int, default=None, help="with --random-init: input side")
     p.add_argument("--train-step", default=None, choices=["tiny", "cpu", "full-random"],
                    help="time training steps of SynDiff and the baseline at this profile instead (--repeats steps)")
-    p.add_argument("--steps", default="1,50,100")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", default=None, help="comma-separated step counts (default: 1,50,100; 1 with onnxruntime)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="onnxruntime: time the exported graph of --checkpoint EXPORT_DIR_OR_RUN (one step)")
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -411,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_experiment)
 
-    p = verbs.add_parser("synth", help="make synthetic polyp frames (SDXL inpainting or copy-paste)")
+    p = verbs.add_parser("synth", help="make synthetic polyp frames (SDXL inpainting, copy-paste or a GAN)")
     add_synth_arguments(p)
     p.set_defaults(func=cmd_synth)
     return parser
@@ -422,7 +508,24 @@ def _fail(message: str) -> int:
     return 2
 
 
+def describe_os_error(err: OSError) -> str:
+    """One line for a failure of the disk or the network: the file (or model) and what to do."""
+    if err.errno == errno.ENOSPC:
+        return f"{err.filename or 'a file'}: the disk is full; free some space or choose another --out, then run again"
+    if err.filename:
+        return f"{err.filename}: {err.strerror or err}"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first.replace(" Please check out the root cause in the stacktrace above.", "")  # we print none
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or "huggingface" in str(err).lower():
+        first += (" (the model is not in the local cache and the hub cannot be reached: download it once with "
+                  "network access, or pass a local folder)")
+    return first
+
+
 def main(argv=None) -> int:
+    # Before torch loads (cli.py imports it lazily): OpenMP threads that sleep when idle
+    # instead of spinning, so a run on a busy machine does not lose most of its steps.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     from .data import DataError
     from .train import TrainingError
@@ -431,8 +534,15 @@ def main(argv=None) -> int:
         return args.func(args)
     except (DataError, ValueError, FileNotFoundError, TrainingError) as err:
         return _fail(str(err))
+    except OSError as err:  # disk full, permissions, weights not found offline
+        return _fail(describe_os_error(err))
     except KeyboardInterrupt:
         return _fail("interrupted")
+    except Exception:  # not an expected failure: the traceback is what a bug report needs
+        traceback.print_exc()
+        print("error: this is a bug in syndiff, not in your input; please report it with the command line and the "
+              "traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

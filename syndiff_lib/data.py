@@ -144,6 +144,52 @@ def read_mask(path) -> np.ndarray:
         raise DataError(f"{path}: {error}") from None
 
 
+def files_to_segment(inputs, out_dir) -> list[Path]:
+    """The image files ``syndiff segment`` will read, checked before any model is loaded.
+
+    ``inputs`` are files and folders; a folder gives its image files (hidden files and other
+    suffixes left out), a file named twice counts once. One DataError lists every problem:
+    a missing input, a file that is not an image or cannot be read, two inputs that would
+    write the same mask name (51.png and 51.jpg both give 51.png), a mask that would
+    overwrite a file already in ``out_dir``, and an ``out_dir`` that is a file. Each image is
+    opened and dropped again, so the check holds one image in memory at a time.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: --out names a file, not a folder; choose a new or empty folder")
+    files, problems = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(_image_files(item), key=lambda p: natural_key(p.name))
+        elif not item.exists():
+            problems.append(f"{item}: no such file or folder")
+        elif item.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.append(f"{item}: not an image file ({' '.join(IMAGE_SUFFIXES)})")
+        else:
+            files.append(item)
+    files = list({f.resolve(): f for f in files}.values())  # the same file named twice is segmented once
+    by_mask: dict[str, Path] = {}
+    for f in files:
+        name = f"{f.stem}.png"
+        if name in by_mask:
+            problems.append(f"{f}: would write the same mask {name} as {by_mask[name]}; rename one or segment them apart")
+        by_mask.setdefault(name, f)
+        if (out_dir / name).exists():
+            problems.append(f"{out_dir / name}: already exists and would be overwritten; choose a new or empty --out")
+        try:
+            _read_pixels(f, "rgb")
+        except (ValueError, OSError) as error:
+            problems.append(f"{f}: {error}")
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems)
+        raise DataError(f"{len(problems)} problems with the images to segment:\n{listing}")
+    if not files:
+        raise DataError(f"no images ({' '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}")
+    return files
+
+
 def _grey_fraction(grey: np.ndarray) -> float:
     """Fraction of pixels that are clearly neither black nor white."""
     return float(((grey > GREY_LOW) & (grey < GREY_HIGH)).mean())
@@ -254,12 +300,16 @@ def check_dataset(root) -> dict:
     (mostly mid-grey) or a soft probability map does not. Masks that pass are binarised
     with > MASK_THRESHOLD by the loaders.
 
+    Two label conventions that would read as empty masks are refused too, each in one line
+    that says how to fix it: masks stored as {0, 1} (or any labels all at or below
+    MASK_THRESHOLD) instead of {0, 255}, and a data set whose masks are all empty.
+
     Returns {"root", "layout", "n", "sizes": {"384x288": 612}, "foreground_fraction_mean",
     "n_empty_masks"}; sizes are written width x height.
     """
     root = Path(root)
     layout, pairs, problems = _scan(root)
-    sizes, foreground = {}, []
+    sizes, foreground, faint = {}, [], []
     for _, image_path, mask_path in pairs:
         image, grey = _try_read(image_path, "rgb", root, problems), _try_read(mask_path, "grey", root, problems)
         mask_name = mask_path.relative_to(root)
@@ -275,6 +325,9 @@ def check_dataset(root) -> dict:
             h, w = grey.shape
             sizes[f"{w}x{h}"] = sizes.get(f"{w}x{h}", 0) + 1
             foreground.append(float((grey > MASK_THRESHOLD).mean()))
+            if 0 < grey.max() <= MASK_THRESHOLD:  # labelled, but every label reads as background
+                faint.append((mask_name, int(grey.max())))
+    problems += _label_convention_problems(f"{_folders(root)[2].name}/", faint, foreground)
     _raise_problems(root, sorted(problems, key=natural_key))
     return {
         "root": str(root),
@@ -284,6 +337,21 @@ def check_dataset(root) -> dict:
         "foreground_fraction_mean": float(np.mean(foreground)),
         "n_empty_masks": foreground.count(0.0),
     }
+
+
+def _label_convention_problems(mask_dir: str, faint: list, foreground: list) -> list[str]:
+    """One problem line for masks whose labels all read as background, one for a data set
+    without any polyp pixel; each says how to fix the files (check_dataset)."""
+    problems = []
+    if faint:
+        (first, value), more = faint[0], len(faint) - 1
+        others = f" and {more} more mask(s)" if more else ""
+        problems.append(f"{first}{others}: labels at most {value}, so every pixel reads as background (polyp is > "
+                        f"{MASK_THRESHOLD}); masks stored as {{0, 1}} must be saved as {{0, 255}} (multiply by 255)")
+    if foreground and not faint and max(foreground) == 0:
+        problems.append(f"{mask_dir}: all {len(foreground)} masks are empty (no pixel > {MASK_THRESHOLD}), so there is "
+                        "no polyp to learn or score; check that these are the right masks")
+    return problems
 
 
 def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

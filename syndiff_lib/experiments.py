@@ -107,7 +107,8 @@ def cell_profile(spec: dict, row: dict, budget: GridBudget) -> Profile:
     profile = get_profile(spec["profile"], recipe=row.get("recipe"))
     steps = budget.baseline_steps if row.get("model_kind") == "baseline" else budget.syndiff_steps
     profile.train = dataclasses.replace(
-        profile.train, **row.get("train", {}), max_steps=steps, max_minutes=NO_TIME_LIMIT,
+        profile.train, **row.get("train", {}), max_steps=budget.syndiff_steps, baseline_steps=budget.baseline_steps,
+        max_minutes=NO_TIME_LIMIT,
         val_every=min(budget.val_every, steps), checkpoint_every=min(budget.checkpoint_every, steps),
         lr_warmup_steps=min(profile.train.lr_warmup_steps, steps))
     profile.diffusion = dataclasses.replace(profile.diffusion, **row.get("diffusion", {}))

@@ -125,6 +125,9 @@ def train_or_reuse(cfg: Profile, data, run_dir, split: dict, *, model: str = "sy
     Otherwise ``run_dir`` is emptied, the autoencoder of ``vae_dir`` (if given and present) is
     copied into it, and `train.train(cfg, data, run_dir, model=model, seed=seed)` runs: the
     same call as ``syndiff train --model MODEL --profile P``. Returns (results, reused).
+
+    A run whose model predicts no polyp pixel on any validation frame (results.json
+    "predicts_no_polyp") raises ValueError, reused or new: the book must not publish it.
     """
     from .train import finished_run, train  # late: loading this module stays light
 
@@ -132,11 +135,16 @@ def train_or_reuse(cfg: Profile, data, run_dir, split: dict, *, model: str = "sy
     results = finished_run(run_dir, split, cfg.to_dict()) if reuse else None
     if results is not None and results.get("model", model) != model:  # same profile, other model: say so
         raise ValueError(f"{run_dir} holds a {results['model']} run, not a {model} run; move it away or train again")
-    if results is not None:
+    reused = results is not None
+    if reused:
         log(f"reusing the finished {model} run in {run_dir} ({results['steps']} steps, "
             f"{results['train_seconds'] / 60:.1f} min of training)")
-        return results, True
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time the notebook runs
-    if vae_dir is not None and Path(vae_dir).exists():
-        shutil.copytree(vae_dir, run_dir / "vae")  # the frozen (E, D) this run shares
-    return train(cfg, data, run_dir, model=model, seed=seed, log=log), False
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time the notebook runs
+        if vae_dir is not None and Path(vae_dir).exists():
+            shutil.copytree(vae_dir, run_dir / "vae")  # the frozen (E, D) this run shares
+        results = train(cfg, data, run_dir, model=model, seed=seed, log=log)
+    if results.get("predicts_no_polyp"):
+        raise ValueError(f"{run_dir / 'results.json'}: the {model} model predicts no polyp pixel on any validation "
+                         "frame, so it has not learned to segment; train it longer (more steps) before publishing")
+    return results, reused

@@ -58,6 +58,32 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
     return torch.cat(tensors)  # [B, 3, size, size]
 
 
+class WeightsError(ValueError):
+    """Saved weights that cannot be loaded: one line naming the folder and what to do."""
+
+
+def load_model(model_class, folder: Path):
+    """``model_class.from_pretrained(folder)``, with any failure as one WeightsError naming the
+    folder: a truncated or damaged safetensors file, or a config.json edited so that the
+    weights no longer fit it (diffusers' own hint, ignore_mismatched_sizes, would load random
+    weights in their place: never what a trained run wants)."""
+    try:
+        return model_class.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        reason = str(error).split(". ")[0].strip() or type(error).__name__
+        fits = "do not fit its config.json" if "shape" in reason else "cannot be read"
+        raise WeightsError(f"{folder}: the saved weights {fits} ({reason}); the run folder is damaged or was edited: "
+                           "copy it again from where it was trained, or train again") from None
+
+
+def read_profile(config_file: Path) -> Profile:
+    """The profile a saved pipeline was trained with, or a WeightsError naming the file."""
+    try:
+        return Profile.from_dict(json.loads(config_file.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise WeightsError(f"{config_file}: not a readable profile ({error}); copy the run folder again or train again") from None
+
+
 def find_saved_model(path, config_name: str, kind: str = "SynDiff pipeline") -> Path:
     """The folder holding ``config_name``: ``path`` itself or a run folder's ``pipeline/``."""
     path = Path(path)
@@ -131,16 +157,29 @@ class SynDiffPipeline:
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "SynDiffPipeline":
         path = find_saved_model(path, CONFIG_NAME)
-        profile = Profile.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        profile = read_profile(path / CONFIG_NAME)
         unet_class = UNet2DConditionModel if profile.unet.conditional else UNet2DModel
         pipe = cls(
-            vae=AutoencoderKL.from_pretrained(path / "vae"),
-            image_encoder=ImageEncoder.from_pretrained(path / "image_encoder"),
-            unet=unet_class.from_pretrained(path / "unet"),
-            scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
+            vae=load_model(AutoencoderKL, path / "vae"),
+            image_encoder=load_model(ImageEncoder, path / "image_encoder"),
+            unet=load_model(unet_class, path / "unet"),
+            scheduler=load_model(DDPMScheduler, path / "scheduler"),
             profile=profile,
         )
         return pipe.to(device, dtype)
+
+    def check_inputs(self, num_inference_steps: int = 1, t_infer: int | None = None, output_size: str = "input") -> None:
+        """Refuse options that cannot run, before any work (diffusers' check_inputs): a short
+        ValueError naming the argument and its command-line flag."""
+        T = self.scheduler.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps (--steps) must be an integer >= 1, got {num_inference_steps!r}")
+        if num_inference_steps > T:
+            raise ValueError(f"num_inference_steps (--steps) must be at most T = {T}, got {num_inference_steps}")
+        if t_infer is not None and (not isinstance(t_infer, int) or not 0 <= t_infer < T):
+            raise ValueError(f"t_infer (--t-infer) must be a timestep in 0..{T - 1}, got {t_infer!r}")
+        if output_size not in ("input", "model"):
+            raise ValueError(f"output_size must be 'input' or 'model', got {output_size!r}")
 
     # --- the three stages, each one call (bench times them one by one) -----------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -181,13 +220,7 @@ class SynDiffPipeline:
         """
         if isinstance(images, np.ndarray) and images.ndim == 3:
             images = [images]
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        T = self.scheduler.config.num_train_timesteps
-        if t_infer is not None and not 0 <= t_infer < T:
-            raise ValueError(f"t_infer must be in 0..{T - 1}, got {t_infer}")
-        if output_size not in ("input", "model"):
-            raise ValueError(f"output_size must be 'input' or 'model', got {output_size!r}")
+        self.check_inputs(num_inference_steps, t_infer, output_size)
         size = self.profile.train.image_size
         soft_maps = []
         for start in range(0, len(images), batch_size):
@@ -223,8 +256,8 @@ class BaselinePipeline:
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "BaselinePipeline":
         path = find_saved_model(path, BASELINE_CONFIG, kind="baseline")
-        profile = Profile.from_dict(json.loads((path / BASELINE_CONFIG).read_text()))
-        return cls(UNet2DModel.from_pretrained(path / "unet"), profile).to(device, dtype)
+        profile = read_profile(path / BASELINE_CONFIG)
+        return cls(load_model(UNet2DModel, path / "unet"), profile).to(device, dtype)
 
     @torch.no_grad()
     def __call__(self, images, threshold: float = 0.5, batch_size: int = 16, output_size: str = "input") -> SynDiffOutput:
@@ -241,15 +274,60 @@ class BaselinePipeline:
         return soft_maps_to_output(images, torch.cat(soft), output_size, threshold)
 
 
+def check_segment_options(pipe, num_inference_steps: int = 1, t_infer: int | None = None) -> None:
+    """Refuse inference options that ``pipe`` cannot honour, before any image is read: the
+    baseline has no steps or timestep to choose; SynDiff's must be in range (check_inputs)."""
+    if isinstance(pipe, BaselinePipeline):
+        if num_inference_steps != 1 or t_infer is not None:
+            raise ValueError("the baseline has no diffusion: --steps and --t-infer apply to SynDiff runs only")
+    else:
+        pipe.check_inputs(num_inference_steps, t_infer)
+
+
 def segment(pipe, images, num_inference_steps: int = 1, t_infer: int | None = None, seed: int = 0,
             output_size: str = "input") -> SynDiffOutput:
     """Run either pipeline on images: SynDiff with its steps, timestep and noise seed; the
     baseline, which has none of them, refuses any but the defaults instead of ignoring them."""
+    check_segment_options(pipe, num_inference_steps, t_infer)
     if isinstance(pipe, BaselinePipeline):
-        if num_inference_steps != 1 or t_infer is not None:
-            raise ValueError("the baseline has no diffusion: --steps and --t-infer apply to SynDiff runs only")
         return pipe(images, output_size=output_size)
     return pipe(images, num_inference_steps, t_infer, torch.Generator().manual_seed(seed), output_size=output_size)
+
+
+def segment_files(pipe, files, out_dir: Path, num_inference_steps: int = 1, t_infer: int | None = None, seed: int = 0,
+                  batch_size: int = 16) -> int:
+    """Segment image files into ``out_dir/<stem>.png`` (0/255 masks at each image's size),
+    batch by batch: read a batch, segment it, write it, so memory stays that of one batch
+    however many files there are. Returns the number of masks written.
+
+    The caller has checked the files (data.files_to_segment: readable, distinct mask names).
+    One noise generator runs through all batches, so the masks are those of one call on all
+    the images at once.
+    """
+    from PIL import Image
+
+    from .data import read_image
+
+    check_segment_options(pipe, num_inference_steps, t_infer)
+    generator = torch.Generator().manual_seed(seed)
+    written = 0
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images = [read_image(f) for f in chunk]
+        if isinstance(pipe, BaselinePipeline):
+            out = pipe(images, batch_size=batch_size)
+        else:
+            out = pipe(images, num_inference_steps, t_infer, generator, batch_size=batch_size)
+        for f, mask in zip(chunk, out.masks):
+            target = out_dir / f"{Path(f).stem}.png"
+            try:
+                Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).save(target)
+            except OSError as error:  # a full disk, a folder made read-only: name the file
+                target.unlink(missing_ok=True)  # no half-written mask left behind
+                raise OSError(error.errno, f"cannot write the mask ({error.strerror or error}); "
+                              f"{written} of {len(files)} masks were written", str(target)) from None
+            written += 1
+    return written
 
 
 def evaluate(

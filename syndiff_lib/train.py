@@ -3,29 +3,34 @@
 Taught in notebook 04 (training). One call, :func:`train`, does a whole run:
 
 1. Load and check the data, make the split (``data.build_split``, saved as ``split.json``;
-   test is never touched). The run folder must be new, empty, or hold only a prepared ``vae/``.
+   test is never touched). The run folder must be new, empty, or hold only a prepared ``vae/``
+   (``--overwrite`` replaces a run, never other files; ``--resume`` continues one started with
+   the same options). ``RUN_DIR/lock`` keeps a second training out while one writes the folder.
 2. SynDiff only: the frozen autoencoder (E, D), pretrained (``full``) or trained here on the
    training images and masks (``tiny``/``cpu``), cached under ``$SYNDIFF_CACHE`` (default
    ``~/.cache/syndiff``) so runs with the same data and config share it.
 3. The model as a :class:`Trainee`: its modules, its trainable parameters, its loss on a
    batch, and the pipeline that scores it. SynDiff: E_phi (initialised from E) and the U-Net
    with the dual loss of Eq. 6; the baseline: a pixel U-Net with BCE + soft Dice.
-4. The shared loop, :func:`fit`: AdamW, a cosine learning rate over the step or wall-clock
-   budget (whichever ends first), accelerate for devices, mixed precision and several GPUs.
+4. The shared loop, :func:`fit`: AdamW, a cosine learning rate over the step budget,
+   accelerate for devices, mixed precision and several GPUs. The wall-clock cap only stops a
+   stuck run: it says so loudly and marks ``results.json`` ``"complete": false``.
    Every ``val_every`` steps: validation Dice (of the raw and, with ``ema_decay`` > 0, the
    averaged weights); the best model so far is written to ``RUN_DIR/pipeline`` (model
    selection on validation only). Every ``checkpoint_every`` steps: a resumable checkpoint
    (safetensors only: models, optimizer, learning-rate schedule, step, RNG state, EMA).
    Both are written to a temporary folder and then renamed, so a kill during a save never
    spoils the last good copy. A loss that is not finite stops the run with a message.
+5. A model that predicts no polyp pixel on any validation frame is flagged
+   (``"predicts_no_polyp": true``): notebook 04 refuses to show it.
 
-Equal budgets: the baseline trains under the same profile as the SynDiff run it is compared
-with (the same step cap and the same wall-clock budget), so ``syndiff train --model baseline``
-and notebook 04 give it the same budget by construction.
+Equal budgets: the baseline trains ``baseline_steps``, the profile's count of baseline steps
+that cost what SynDiff's ``max_steps`` cost (measured with ``syndiff bench --train-step``), so
+``syndiff train --model baseline`` and notebook 04 give it the same compute by construction.
 
 Run folder::
 
-    RUN_DIR/profile.json  split.json  log.jsonl  results.json  vae/  pipeline/  checkpoint/
+    RUN_DIR/profile.json  split.json  log.jsonl  results.json  vae/  pipeline/  checkpoint/  lock
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,7 +63,7 @@ from .checkpoint import find_checkpoint, load_checkpoint, replace_folder, save_c
 from .config import Profile, check_profile, describe_recipe, profile_overrides
 from .diffusion import make_scheduler, training_loss
 from .metrics import dice_score
-from .pipeline import BaselinePipeline, SynDiffPipeline
+from .pipeline import BaselinePipeline, SynDiffPipeline, load_pipeline, segment
 from .unet import build_unet
 
 MODELS = ("syndiff", "baseline")
@@ -66,6 +72,11 @@ MODELS = ("syndiff", "baseline")
 def log_line(message: str) -> None:
     """Progress messages: printed and flushed at once, so a log file shows them live."""
     print(message, flush=True)
+
+
+def warn(log, message: str) -> None:
+    """A line a reader must not miss (a capped or useless run): upper-case tag, own line."""
+    log(f"WARNING: {message}")
 
 
 class TrainingError(RuntimeError):
@@ -138,18 +149,16 @@ def progress_bar(total: int, desc: str, initial: int = 0, show: bool = True) -> 
 
 
 # --- the learning rate -------------------------------------------------------------------
-def budget_cosine_schedule(optimizer, warmup_steps: int, max_steps: int, budget_s: float, elapsed):
-    """Linear warm-up, then a cosine decay to 0 over whichever budget ends first.
+def cosine_schedule(optimizer, warmup_steps: int, max_steps: int):
+    """Linear warm-up, then a cosine decay to 0 at ``max_steps``.
 
-    progress = max(step / max_steps, elapsed() / budget_s): on a fast machine the step budget
-    ends the run and this is the usual cosine schedule; on a slow one the wall-clock budget
-    does, and the learning rate still reaches 0 at its end instead of stopping half-way down.
+    It depends on the step alone, never on the clock: the same seed gives the same model on a
+    quiet and on a busy machine, and a resumed run continues the schedule it started with.
     """
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, max(step / max_steps, elapsed() / budget_s if budget_s > 0 else 0.0))
-        return 0.5 * (1 + math.cos(math.pi * progress))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, step / max_steps)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -221,6 +230,17 @@ def validation_dice(pipe, samples, seed: int = 0) -> float:
     return float(np.mean([dice_score(p, s.mask) for p, s in zip(out.masks, samples)]))
 
 
+def predicts_no_polyp(pipeline_dir: Path, samples, seed: int = 0) -> bool:
+    """True when the saved model marks no polyp pixel on any of ``samples``: a run that has
+    not learned to segment (its Dice is 0 everywhere) must not pass for a result."""
+    pipe = load_pipeline(pipeline_dir)
+    for start in range(0, len(samples), 16):
+        out = segment(pipe, [s.image for s in samples[start:start + 16]], seed=seed, output_size="model")
+        if np.asarray(out.masks).any():
+            return False
+    return True
+
+
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
@@ -265,29 +285,37 @@ def hardware_info(accelerator: Accelerator | None = None) -> dict:
 
 # --- the run folder -----------------------------------------------------------------------
 PREPARED = {"vae"}  # what a new run folder may already hold: an autoencoder put there to be used
+RUN_FILES = {"profile.json", "split.json", "log.jsonl", "results.json", "pipeline", "checkpoint", "checkpoint.tmp",
+             "checkpoint.old", "pipeline.tmp", "pipeline.old", "vae"}  # everything a run writes, but its lock
+LOCK = "lock"  # RUN_DIR/lock: {"pid", "host"} of the process that is writing the run
 
 
-def open_run_dir(run_dir: Path, profile: Profile, split: dict, resume: bool) -> Path | None:
-    """Check the run folder before any work starts; return the checkpoint to resume from.
+def open_run_dir(run_dir: Path, profile: Profile, split: dict, resume: bool, overwrite: bool = False) -> Path | None:
+    """Check the run folder before any work starts (it writes nothing); return the checkpoint
+    to resume from.
 
     Without ``resume`` the folder must be new, empty, or hold only a prepared ``vae/``: a
-    finished or killed run, or anybody's other files, are never overwritten. With ``resume``
-    it must hold a checkpoint of the same profile and split.
+    finished or killed run is replaced only with ``overwrite``, and anybody's other files
+    never. With ``resume`` it must hold a checkpoint of the same profile and split.
     """
-    ours = {"profile.json", "split.json", "log.jsonl", "results.json", "pipeline", "checkpoint", "checkpoint.tmp",
-            "checkpoint.old", "pipeline.tmp", "pipeline.old", "vae"}
-    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"{run_dir} is a file, not a run folder; choose another --out")
+    if resume and overwrite:
+        raise TrainingError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+    foreign = [name for name in held if name not in RUN_FILES]
+    if foreign:
+        raise TrainingError(f"{run_dir} is not empty and not a run folder (it holds {', '.join(foreign[:5])}); "
+                            "choose a new or empty --out folder")
     if not resume:
-        if set(held) <= PREPARED:
+        if set(held) <= PREPARED or overwrite:
             return None
-        if set(held) <= ours:
-            raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        raise TrainingError(f"{run_dir} is not empty (it holds {', '.join(held[:5])}); choose a new or empty --out folder")
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                            "or choose another --out")
     checkpoint = find_checkpoint(run_dir)
-    if checkpoint is None:
-        raise TrainingError(f"{run_dir} holds no checkpoint to resume; train without --resume into a new folder")
+    if checkpoint is None or not (run_dir / "profile.json").exists():
+        raise TrainingError(f"{run_dir} holds no checkpoint to resume (a run is resumable from its first checkpoint "
+                            "on); start it again with --overwrite, or train into a new folder")
     saved = json.loads((run_dir / "profile.json").read_text())
     now = json.loads(json.dumps(profile.to_dict()))
     if saved != now:
@@ -297,6 +325,75 @@ def open_run_dir(run_dir: Path, profile: Profile, split: dict, resume: bool) -> 
     if any(theirs[k] != split[k] for k in ("train", "val", "test")):
         raise TrainingError(f"{run_dir} was started on another data split; resume it with the same --data, --fold and --seed")
     return checkpoint
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete the run in ``run_dir`` (``--overwrite``); open_run_dir has made sure that nothing
+    else is there. A folder holding only a prepared ``vae/`` is no run: it is kept for use.
+    The lock stays: this process holds it."""
+    if not {p.name for p in run_dir.iterdir()} - PREPARED - {LOCK}:
+        return
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def read_lock(lock: Path) -> dict | None:
+    """The holder {"pid", "host"} written in a lock file, or None if it is gone or unreadable."""
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def holder_is_alive(holder: dict | None) -> bool:
+    """False only for a lock we can prove dead: its process, on this host, no longer exists.
+    An unreadable lock (half-written) or one of another host is taken as held."""
+    if holder is None or holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)  # signal 0: a check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``RUN_DIR/lock`` while this process writes the run: a second training started on
+    the same --out is refused instead of writing the same files.
+
+    The lock is created with O_EXCL (one creator wins, atomically), holds our pid and host,
+    and is removed at the end, also when the run fails. A lock whose process is dead on this
+    host (a run that was killed) is taken over.
+    """
+    lock = run_dir / LOCK
+    for _ in range(2):  # a second try after taking over a dead process's lock
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = read_lock(lock)
+            if holder_is_alive(holder):
+                who = f"process {holder['pid']} on {holder['host']}" if holder else "another process"
+                raise TrainingError(f"{lock}: {who} is training into {run_dir}; wait for it to end or choose another "
+                                    "--out (delete the lock only if no such process runs)") from None
+            if read_lock(lock) == holder:  # still the dead one's, not a lock another process just took over
+                lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        break
+    else:
+        raise TrainingError(f"{lock}: another process took the lock over first; choose another --out")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def trim_log(log_file: Path, step: int) -> None:
@@ -376,8 +473,10 @@ def optimisation_step(trainee: Trainee, pixels, mask, generator, optimizer, lr_s
 
 
 def fit(trainee: Trainee, profile: Profile, run_dir: Path, accelerator: Accelerator, train_samples, val_samples, *,
-        seed: int, checkpoint: Path | None, log=log_line) -> dict:
-    """Train ``trainee`` under the profile's budget; returns the final loop state.
+        max_steps: int, seed: int, checkpoint: Path | None, log=log_line) -> dict:
+    """Train ``trainee`` for ``max_steps`` steps (its budget: the profile's ``max_steps`` or
+    ``baseline_steps``) unless the profile's wall-clock cap stops it first; returns the final
+    loop state.
 
     The state ({"step", "elapsed_s", "best_val_dice", "best_step", "best_weights",
     "stop_reason"}) is what checkpoints carry, so a resumed run goes on where it stopped.
@@ -390,7 +489,7 @@ def fit(trainee: Trainee, profile: Profile, run_dir: Path, accelerator: Accelera
     def elapsed():
         return clock["before"] + time.time() - clock["start"]
 
-    lr_scheduler = budget_cosine_schedule(optimizer, tcfg.lr_warmup_steps, tcfg.max_steps, tcfg.max_minutes * 60, elapsed)
+    lr_scheduler = cosine_schedule(optimizer, tcfg.lr_warmup_steps, max_steps)
     names = list(trainee.modules)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trainee.modules.values(), optimizer, lr_scheduler)
     modules = dict(zip(names, prepared))
@@ -452,13 +551,16 @@ def fit(trainee: Trainee, profile: Profile, run_dir: Path, accelerator: Accelera
             f"(best {state['best_val_dice']:.3f} at step {state['best_step']}, {state['best_weights']} weights)")
 
     clock["start"], clock["before"] = time.time(), state["elapsed_s"]
-    budget_s = tcfg.max_minutes * 60
+    cap_s = tcfg.max_minutes * 60  # per session: --resume gives a capped run another cap's worth of time
     set_train_mode()
-    bar = progress_bar(tcfg.max_steps, "train", initial=state["step"], show=is_main)
+    bar = progress_bar(max_steps, "train", initial=state["step"], show=is_main)
     state["stop_reason"] = "max_steps"
-    while state["step"] < tcfg.max_steps:
-        if elapsed() > budget_s:
-            state["stop_reason"] = "time budget"
+    while state["step"] < max_steps:
+        if time.time() - clock["start"] > cap_s:
+            state["stop_reason"] = "wall-clock cap"
+            warn(log, f"the {tcfg.max_minutes:g}-minute wall-clock cap stopped training at step {state['step']} of "
+                      f"{max_steps}: this is not the model the profile defines (results.json: \"complete\": false); "
+                      "--resume continues it")
             break
         pixels, mask = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment, tcfg.rotate_augment)
         pixels, mask = pixels.to(accelerator.device), mask.to(accelerator.device)
@@ -503,6 +605,7 @@ def train(
     folds: int = 5,
     split_seed: int | None = None,
     synthetic=(),
+    overwrite: bool = False,
     log=log_line,
 ) -> dict:
     """Train a SynDiff segmenter (``model="syndiff"``) or the pixel-space baseline
@@ -510,6 +613,7 @@ def train(
 
     ``seed`` draws the initial weights, the batches and the noise; ``split_seed`` (default:
     ``seed``) draws the split, so trainings that differ only in ``seed`` can share one split.
+    ``overwrite`` replaces a run already in ``out`` (never a folder holding other files).
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
@@ -526,60 +630,74 @@ def train(
     if not val_samples:
         raise ValueError(f"the split of {split['data']} leaves no validation frames, and without them no model can be "
                          "chosen; give more data (whole video sequences) or another split")
-    checkpoint = open_run_dir(run_dir, profile, split, resume)
+    checkpoint = open_run_dir(run_dir, profile, split, resume, overwrite)  # a check only: nothing written yet
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main and checkpoint is None:
-        data_lib.save_split(split, run_dir / "split.json")
-        (run_dir / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2))
-    log(f"data: {len(train_samples)} train, {len(val_samples)} val ({split['scheme']} split); test is not used in training")
+    with run_lock(run_dir) if is_main else nullcontext():
+        checkpoint = open_run_dir(run_dir, profile, split, resume, overwrite)  # again: another process may have written
+        if is_main and overwrite:
+            clear_run(run_dir)
+        if is_main and checkpoint is None:
+            data_lib.save_split(split, run_dir / "split.json")
+            (run_dir / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2))
+        log(f"data: {len(train_samples)} train, {len(val_samples)} val ({split['scheme']} split); test is not used in training")
 
-    # 2. The model: for SynDiff, the frozen autoencoder first.
-    extra = {}
-    if model == "syndiff":
-        # The autoencoder sees the real training frames only, so every row of a grid (with or
-        # without synthetic frames) shares the one cached for its split.
-        images, masks = samples_to_tensors([s for s in train_samples if s.source != "synthetic"])
-        vae = get_autoencoder(profile, images, masks, split["train"], split["data"], run_dir, profile.autoencoder.seed,
-                              log).to(accelerator.device)
-        round_trip = mask_round_trip_dice(vae, samples_to_tensors(val_samples)[1].to(accelerator.device)).mean().item()
-        log(f"autoencoder: mask round-trip Dice on validation {round_trip:.3f} (the ceiling for this run)")
-        extra["autoencoder_round_trip_dice_val"] = round_trip
-        torch.manual_seed(seed)  # the initial weights
-        trainee = syndiff_trainee(profile, vae, accelerator)
-    else:
-        torch.manual_seed(seed)
-        trainee = baseline_trainee(profile, accelerator)
-    log(f"{model}: {sum(p.numel() for p in trainee.parameters) / 1e6:.1f}M trainable parameters")
+        # 2. The model: for SynDiff, the frozen autoencoder first.
+        extra = {}
+        if model == "syndiff":
+            # The autoencoder sees the real training frames only, so every row of a grid (with or
+            # without synthetic frames) shares the one cached for its split.
+            images, masks = samples_to_tensors([s for s in train_samples if s.source != "synthetic"])
+            vae = get_autoencoder(profile, images, masks, split["train"], split["data"], run_dir, profile.autoencoder.seed,
+                                  log, record=extra).to(accelerator.device)
+            round_trip = mask_round_trip_dice(vae, samples_to_tensors(val_samples)[1].to(accelerator.device)).mean().item()
+            log(f"autoencoder: mask round-trip Dice on validation {round_trip:.3f} (the ceiling for this run)")
+            extra["autoencoder_round_trip_dice_val"] = round_trip
+            torch.manual_seed(seed)  # the initial weights
+            trainee = syndiff_trainee(profile, vae, accelerator)
+        else:
+            torch.manual_seed(seed)
+            trainee = baseline_trainee(profile, accelerator)
+        log(f"{model}: {sum(p.numel() for p in trainee.parameters) / 1e6:.1f}M trainable parameters")
 
-    # 3. The loop.
-    state = fit(trainee, profile, run_dir, accelerator, train_samples, val_samples, seed=seed, checkpoint=checkpoint, log=log)
+        # 3. The loop, for the model's own step budget (equal compute, see the module docstring).
+        max_steps = tcfg.baseline_steps if model == "baseline" else tcfg.max_steps
+        state = fit(trainee, profile, run_dir, accelerator, train_samples, val_samples, max_steps=max_steps, seed=seed,
+                    checkpoint=checkpoint, log=log)
+        no_polyp = is_main and predicts_no_polyp(run_dir / "pipeline", val_samples, seed)
+        if no_polyp:
+            warn(log, f"the chosen model predicts no polyp pixel on any of the {len(val_samples)} validation frames: "
+                      "it has not learned to segment (train longer, or check the masks); notebooks refuse to show it")
 
-    # 4. Results.
-    results = {
-        "model": model,
-        "profile": profile.name,
-        "recipe": describe_recipe(profile.diffusion) if model == "syndiff" else None,
-        "overrides": profile_overrides(profile),
-        "config": profile.to_dict(),
-        "seed": seed,
-        "split_seed": split_seed,
-        "data": split["data"],
-        "split": {k: len(split[k]) for k in ("train", "val", "test")} | {"scheme": split["scheme"], "fold": split.get("fold")},
-        "synthetic": split["synthetic"],
-        "steps": state["step"],
-        "stop_reason": state["stop_reason"],
-        "train_seconds": round(state["elapsed_s"], 1),
-        "seconds_per_step": round(state["elapsed_s"] / max(state["step"], 1), 4),
-        "wall_seconds_this_session": round(time.time() - t_start, 1),
-        "best_step": state["best_step"],
-        "best_weights": state.get("best_weights"),
-        "val_dice": state["best_val_dice"],
-        **extra,
-        "code": code,
-        "hardware": hardware_info(accelerator),
-    }
-    if is_main:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log(f"done: {state['step']} steps ({state['stop_reason']}); best validation Dice {state['best_val_dice']:.3f} "
-        f"at step {state['best_step']}")
+        # 4. Results.
+        results = {
+            "model": model,
+            "profile": profile.name,
+            "recipe": describe_recipe(profile.diffusion) if model == "syndiff" else None,
+            "overrides": profile_overrides(profile),
+            "config": profile.to_dict(),
+            "seed": seed,
+            "split_seed": split_seed,
+            "data": split["data"],
+            "split": {k: len(split[k]) for k in ("train", "val", "test")} | {"scheme": split["scheme"], "fold": split.get("fold")},
+            "synthetic": split["synthetic"],
+            "steps": state["step"],
+            "step_budget": max_steps,
+            "stop_reason": state["stop_reason"],
+            # The model the profile defines: every step trained, the autoencoder's too.
+            "complete": state["stop_reason"] == "max_steps" and extra.get("autoencoder_complete", True),
+            "predicts_no_polyp": no_polyp,
+            "train_seconds": round(state["elapsed_s"], 1),
+            "seconds_per_step": round(state["elapsed_s"] / max(state["step"], 1), 4),
+            "wall_seconds_this_session": round(time.time() - t_start, 1),
+            "best_step": state["best_step"],
+            "best_weights": state.get("best_weights"),
+            "val_dice": state["best_val_dice"],
+            **extra,
+            "code": code,
+            "hardware": hardware_info(accelerator),
+        }
+        if is_main:
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        log(f"done: {state['step']} steps ({state['stop_reason']}); best validation Dice {state['best_val_dice']:.3f} "
+            f"at step {state['best_step']}")
     return results

@@ -113,7 +113,7 @@ def test_grid_budget_defaults_and_its_description():
     tiny, cpu = get_profile("tiny"), get_profile("cpu")
     budget = ablations.grid_budget(tiny)
     assert budget == ablations.row_budget(tiny, steps=ablations.TINY_GRID_STEPS)
-    assert ablations.budget_text(tiny, budget) == f"at most {ablations.TINY_GRID_STEPS} steps or 1 min"
+    assert ablations.budget_text(tiny, budget) == f"at most {ablations.TINY_GRID_STEPS} steps or {tiny.train.max_minutes:g} min"
     assert ablations.is_smoke_budget(tiny, budget)
     assert ablations.grid_budget(tiny, 40, 2.5) == ablations.row_budget(tiny, 40, 2.5)
     assert ablations.grid_budget(cpu) == {}  # the profile's own budget

@@ -22,8 +22,8 @@ from syndiff_lib.data import write_toy_dataset
 # Small and quick: the toy dataset, 32x32-latent-free 64x64 inputs, few steps.
 FAST = ["--profile", "tiny", "--max-steps", "40", "--max-minutes", "30", "--val-every", "20", "--checkpoint-every", "10"]
 # With a weight average (EMA), so that its state, too, must survive the kill.
-RESUMABLE = ["--profile", "tiny", "--max-steps", "50", "--max-minutes", "30", "--checkpoint-every", "10", "--val-every", "100",
-             "--ema-decay", "0.99"]
+RESUMABLE = ["--profile", "tiny", "--max-minutes", "30", "--checkpoint-every", "10", "--val-every", "100", "--ema-decay", "0.99"]
+BUDGET_FLAG = {"syndiff": "--max-steps", "baseline": "--baseline-steps"}  # each model's own step budget
 
 
 def syndiff(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
@@ -123,7 +123,7 @@ def test_evaluate_scores_the_runs_own_training_frames(toy_run, toy_dir):
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_dir, toy_run, model):
     """Both models share one training loop, so both survive a SIGKILL the same way."""
     out = tmp_path / "killed"
-    resumable = [*RESUMABLE, "--model", model]
+    resumable = [*RESUMABLE, BUDGET_FLAG[model], "50", "--model", model]
     args = [sys.executable, "-m", "syndiff_lib", "train", *resumable, "--data", str(toy_dir), "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = out / "checkpoint" / "state.json"
@@ -255,11 +255,11 @@ def test_baseline_trains_saves_safetensors_and_evaluates(tmp_path, toy_dir):
     """The equal-budget yardstick: `syndiff train --model baseline` makes a run folder that
     `evaluate` loads like a SynDiff run; diffusion-only options are refused, not ignored."""
     out = tmp_path / "baseline"
-    result = syndiff("train", "--model", "baseline", "--profile", "tiny", "--max-steps", "6", "--val-every", "3",
+    result = syndiff("train", "--model", "baseline", "--profile", "tiny", "--baseline-steps", "6", "--val-every", "3",
                      "--ema-decay", "0.9", "--data", toy_dir, "--out", out)
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 6 and 0 <= results["val_dice"] <= 1 and "hardware" in results
+    assert results["steps"] == results["step_budget"] == 6 and 0 <= results["val_dice"] <= 1 and "hardware" in results
     assert (out / "pipeline" / "baseline_config.json").exists()
     assert list(out.rglob("*.safetensors")) and not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -275,6 +275,9 @@ def test_baseline_trains_saves_safetensors_and_evaluates(tmp_path, toy_dir):
     flags = syndiff("train", "--model", "baseline", "--profile", "tiny", "--lambda-latent", "0", "--data", toy_dir,
                     "--out", tmp_path / "b2")
     assert flags.returncode == 2 and "baseline has no diffusion" in flags.stderr and not (tmp_path / "b2").exists()
+    budget = syndiff("train", "--model", "baseline", "--profile", "tiny", "--max-steps", "6", "--data", toy_dir,
+                     "--out", tmp_path / "b3")  # SynDiff's budget, which a baseline run would silently ignore
+    assert budget.returncode == 2 and "--baseline-steps" in budget.stderr and not (tmp_path / "b3").exists()
 
 
 # --- options that mean what they say, run folders that are never overwritten --------------------
@@ -283,7 +286,8 @@ def test_baseline_trains_saves_safetensors_and_evaluates(tmp_path, toy_dir):
     (["--t-infer", "5000"], "differs from the fixed training timestep"),
     (["--fixed-timestep", "-3"], "must be in 0..999, got -3"),
     (["--decoder-loss-fraction", "0.5"], "no effect while decoder_loss_weight is 0"),
-    (["--max-steps", "0"], "max_steps must be >= 1"),
+    (["--max-steps", "0"], "--max-steps: must be an integer >= 1, got 0"),
+    (["--baseline-steps", "-1"], "--baseline-steps: must be an integer >= 1, got -1"),
 ])
 def test_contradictory_options_are_refused_before_any_work(tmp_path, toy_dir, flags, message):
     result = syndiff("train", "--profile", "tiny", *flags, "--data", toy_dir, "--out", tmp_path / "run")
