@@ -60,7 +60,7 @@ from .augment import augment_batch
 from .autoencoder import ImageEncoder, encode_mask, get_autoencoder, mask_round_trip_dice
 from .baseline import bce_dice_loss, build_baseline_unet
 from .checkpoint import find_checkpoint, load_checkpoint, replace_folder, save_checkpoint
-from .config import Profile, check_profile, describe_recipe, profile_overrides
+from .config import Profile, check_profile, recipe_warning, describe_recipe, profile_overrides
 from .diffusion import make_scheduler, training_loss
 from .metrics import dice_score
 from .pipeline import BaselinePipeline, SynDiffPipeline, load_pipeline, segment
@@ -618,6 +618,8 @@ def train(
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     check_profile(profile)
+    if model == "syndiff" and (warning := recipe_warning(profile.diffusion)):
+        log(warning)
     run_dir = Path(out)
     t_start, code = time.time(), code_version()  # the code as it was when the run began
     tcfg = profile.train

@@ -348,3 +348,13 @@ def test_the_paper_recipe_is_exactly_the_papers_and_the_default_differs_only_in_
     changed = {k for k, v in dataclasses.asdict(paper).items() if default[k] != v}
     assert changed == {"recipe", "prediction_type", "timestep_sampling", "t_infer", "latent_loss"}
     assert set(dataclasses.asdict(DiffusionConfig())) == set(default)
+
+
+def test_full_trains_the_recipe_that_segments_and_the_papers_single_step_is_warned_about():
+    from syndiff_lib.config import get_profile, recipe_warning
+
+    assert get_profile("full").diffusion.recipe == get_profile("full-random").diffusion.recipe == "default"
+    assert get_profile("full", recipe="paper").diffusion.prediction_type == "epsilon"
+    assert recipe_warning(get_profile("full").diffusion) is None
+    warning = recipe_warning(get_profile("full", recipe="paper").diffusion)
+    assert warning.startswith("WARNING:") and "t = 50" in warning and "\n" not in warning
