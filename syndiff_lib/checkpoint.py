@@ -14,7 +14,9 @@ No pickle is read or written anywhere: a checkpoint cannot run code when it is l
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -116,3 +118,47 @@ def _load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, generato
             p.copy_(shadow[str(i)])
         ema.optimization_step = state["ema_step"]
     return state
+
+
+# --- locks: one writer per folder --------------------------------------------------------------
+def read_lock(lock: Path) -> dict | None:
+    """The holder {"pid", "host"} written in a lock file, or None if it is gone or unreadable."""
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def holder_is_alive(holder: dict | None) -> bool:
+    """False only for a lock we can prove dead: its process, on this host, no longer exists.
+    An unreadable lock (half-written) or one of another host is taken as held."""
+    if holder is None or holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)  # signal 0: a check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def take_lock(lock: Path) -> bool:
+    """Create the file ``lock`` with O_EXCL (one creator wins, atomically), holding our pid and
+    host; True if this process holds it now. A lock whose process is dead on this host (a
+    killed run) is taken over; a live one, one of another host, or a half-written one is
+    respected. Runs (train.run_lock) and the grid's cells (experiments) are locked this way."""
+    for _ in range(2):  # a second try after taking over a dead process's lock
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = read_lock(lock)
+            if holder_is_alive(holder):
+                return False
+            if read_lock(lock) == holder:  # still the dead one's, not a lock another process just took over
+                lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        return True
+    return False

@@ -33,7 +33,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 
 from . import ablations
 from . import data as data_lib
+from .checkpoint import take_lock
 from .config import Profile, get_profile
 
 # --- the grids, as data ---------------------------------------------------------------------
@@ -163,43 +163,13 @@ def grid_cells(spec: dict) -> list[Cell]:
 
 
 # --- locks -----------------------------------------------------------------------------------
-def take_lock(folder: Path) -> bool:
-    """Create FOLDER/lock exclusively; True if this process now holds the cell.
-
-    A lock left by a dead process of this machine is taken over; a live one, or one from
-    another machine, is respected.
-    """
+def take_cell(folder: Path) -> bool:
+    """Lock a cell (FOLDER/lock, checkpoint.take_lock); True if this process now holds it."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / "lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                return False  # being written by its holder just now
-            if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid", -1)):
-                lock.unlink(missing_ok=True)  # its process died: the cell is free again
-                continue
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
-        return True
-    return False
+    return take_lock(folder / "lock")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
-
-
-def release_lock(folder: Path) -> None:
+def release_cell(folder: Path) -> None:
     (folder / "lock").unlink(missing_ok=True)
 
 
@@ -236,7 +206,7 @@ def synthetic_folder(out: Path, data, fold: int, seed: int, count: int, backend:
     full = Path(out) / "synthetic" / f"{backend}-fold{fold}-seed{seed}"
     subset = full.with_name(full.name + f"-n{count}")
     while not subset.exists():
-        if not take_lock(full):  # another process is making this fold's set: wait for it
+        if not take_cell(full):  # another process is making this fold's set: wait for it
             time.sleep(10)
             continue
         try:
@@ -249,7 +219,7 @@ def synthetic_folder(out: Path, data, fold: int, seed: int, count: int, backend:
                 ablations.synthetic_subset(full, [r for r in records if r["kept"]][:count], count, tmp)
                 tmp.rename(subset)  # whole from here on: its split.json came with it
         finally:
-            release_lock(full)
+            release_cell(full)
     return subset
 
 
@@ -271,7 +241,7 @@ def run_cell(cell: Cell, spec: dict, data, out: Path, budget: GridBudget, log=pr
     source = Cell(TRAINED[row_key(cell.row)], cell.fold, cell.seed)
     if not cell.trains and not (source.folder(out) / "cell.json").exists():
         return None  # the row reuses a model that is not trained yet
-    if not take_lock(folder):
+    if not take_cell(folder):
         return None
     try:
         start = time.time()
@@ -312,7 +282,7 @@ def run_cell(cell: Cell, spec: dict, data, out: Path, budget: GridBudget, log=pr
         log(f"{cell.name}: Dice {summary['dice']:.3f} on {summary['n']} held-out frames")
         return record
     finally:
-        release_lock(folder)
+        release_cell(folder)
 
 
 def run_grid(name: str, data, out, budget: GridBudget | None = None, log=print) -> dict:

@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -59,7 +58,7 @@ from . import data as data_lib
 from .augment import augment_batch
 from .autoencoder import ImageEncoder, encode_mask, get_autoencoder, mask_round_trip_dice
 from .baseline import bce_dice_loss, build_baseline_unet
-from .checkpoint import find_checkpoint, load_checkpoint, replace_folder, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, read_lock, replace_folder, save_checkpoint, take_lock
 from .config import Profile, check_profile, recipe_warning, describe_recipe, profile_overrides
 from .diffusion import make_scheduler, training_loss
 from .metrics import dice_score
@@ -341,28 +340,6 @@ def clear_run(run_dir: Path) -> None:
             path.unlink()
 
 
-def read_lock(lock: Path) -> dict | None:
-    """The holder {"pid", "host"} written in a lock file, or None if it is gone or unreadable."""
-    try:
-        return json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def holder_is_alive(holder: dict | None) -> bool:
-    """False only for a lock we can prove dead: its process, on this host, no longer exists.
-    An unreadable lock (half-written) or one of another host is taken as held."""
-    if holder is None or holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder["pid"]), 0)  # signal 0: a check that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
 @contextmanager
 def run_lock(run_dir: Path):
     """Hold ``RUN_DIR/lock`` while this process writes the run: a second training started on
@@ -373,23 +350,11 @@ def run_lock(run_dir: Path):
     host (a run that was killed) is taken over.
     """
     lock = run_dir / LOCK
-    for _ in range(2):  # a second try after taking over a dead process's lock
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = read_lock(lock)
-            if holder_is_alive(holder):
-                who = f"process {holder['pid']} on {holder['host']}" if holder else "another process"
-                raise TrainingError(f"{lock}: {who} is training into {run_dir}; wait for it to end or choose another "
-                                    "--out (delete the lock only if no such process runs)") from None
-            if read_lock(lock) == holder:  # still the dead one's, not a lock another process just took over
-                lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
-        break
-    else:
-        raise TrainingError(f"{lock}: another process took the lock over first; choose another --out")
+    if not take_lock(lock):
+        holder = read_lock(lock)
+        who = f"process {holder['pid']} on {holder['host']}" if holder else "another process"
+        raise TrainingError(f"{lock}: {who} is training into {run_dir}; wait for it to end or choose another "
+                            "--out (delete the lock only if no such process runs)")
     try:
         yield
     finally:

@@ -207,3 +207,150 @@ def fig2_grid(out_dir, n: int = 8, ncols: int = 4, rejected: bool = False) -> Fi
         panels += [read_mask(Path(out_dir) / r["mask"]) for r in row]
         titles += [f"{r['backend']}, consistency {r['consistency']:.2f}" for r in row]
     return show_grid(panels, titles, ncols=ncols)
+
+
+# --- the experiment grid (notebook 06) ---------------------------------------------------------
+# Report lines come from experiments.report: fractions in [0, 1] for Dice, IoU and NSD, pixels for
+# HD95; the tables and plots show Dice, IoU and NSD in %, as the paper does.
+GRID_COLUMNS = ["row", "cells", "Dice %", "IoU %", "HD95", "NSD %", "\u0394 Dice vs reference [95 % CI]",
+                "verdict", "paper Dice", "paper IoU"]
+NOT_RERUN = "reported, not rerun"
+
+
+def _mean_std(line: dict, metric: str, scale: float = 100.0, unit: str = "") -> str:
+    """ "mean ± std" of a report line's metric (std over folds), or "-" where the row has no cells."""
+    if metric not in line:
+        return "-"
+    return f"{scale * line[metric]:.1f} \u00b1 {scale * line[f'{metric}_std']:.1f}{unit}"
+
+
+def _difference(line: dict, reference: str | None) -> tuple[str, str]:
+    """The paired difference in Dice points with its interval, and the verdict, as text."""
+    if "diff" in line:
+        return (f"{100 * line['diff']:+.1f} [{100 * line['diff_low']:+.1f}, {100 * line['diff_high']:+.1f}]",
+                line["verdict"])
+    if line.get("note"):
+        return "-", line["note"]
+    if reference is not None and line.get("key") == reference:
+        return "reference", "-"
+    return "-", f"not yet ({line['cells']} of {line['of']} cells)"
+
+
+def grid_table_rows(lines: list[dict], reference: str | None = None) -> list[list[str]]:
+    """Rows for :func:`table` with :data:`GRID_COLUMNS`, one per report line (notebook 06).
+
+    Ours: cells done of the row's cells, mean ± std over folds of Dice, IoU, NSD (%) and HD95
+    (px); the paired difference in Dice points against ``reference`` (the grid's reference row
+    key) with its 95 % bootstrap interval over video sequences, once the row is complete. The
+    paper's Dice and IoU where the row has them. "-" wherever there is nothing to show.
+    """
+    rows = []
+    for line in lines:
+        paper = line.get("paper") or ("-", "-")
+        difference, verdict = _difference(line, reference)
+        rows.append([line["row"], f"{line['cells']}/{line['of']}", _mean_std(line, "dice"), _mean_std(line, "iou"),
+                     _mean_std(line, "hd95", scale=1.0, unit=" px"), _mean_std(line, "nsd"), difference, verdict,
+                     *[p if isinstance(p, str) else f"{p:.1f}" for p in paper]])
+    return rows
+
+
+def reported_table_rows(reported: list[dict]) -> list[list[str]]:
+    """Rows with :data:`GRID_COLUMNS` for methods the paper reports and we do not rerun
+    (experiments.REPORTED: (mean, std) in %, HD95 in mm), marked "reported, not rerun"."""
+    def pair(value, unit=""):
+        return f"{value[0]:.1f} \u00b1 {value[1]:.1f}{unit}"
+
+    return [[r["row"], NOT_RERUN, pair(r["dice"]), pair(r["iou"]), pair(r["hd95_mm"], " mm"), pair(r["nsd"]),
+             "-", NOT_RERUN, f"{r['dice'][0]:.1f}", f"{r['iou'][0]:.1f}"] for r in reported]
+
+
+def grid_table(lines: list[dict], reference: str | None = None, reported=(), caption: str | None = None) -> Table:
+    """A :class:`Table` of a grid's report (:func:`grid_table_rows`), then any ``reported`` rows."""
+    return table(grid_table_rows(lines, reference) + reported_table_rows(list(reported)), GRID_COLUMNS, caption)
+
+
+def forest_plot(lines: list[dict], reference: str | None = None, title: str | None = None) -> Figure:
+    """Each row's Dice minus the reference row's, in Dice points, with its 95 % bootstrap
+    interval over video sequences (report lines with "diff"); a vertical line at 0. Rows with
+    no difference yet are labelled in place: "reference", "not run" or "not yet (k of N cells)"."""
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(lines) + 1.2), dpi=DPI)
+    y = np.arange(len(lines))[::-1]  # first row at the top
+    for position, line in zip(y, lines):
+        if "diff" in line:
+            mean, low, high = 100 * line["diff"], 100 * line["diff_low"], 100 * line["diff_high"]
+            ax.errorbar(mean, position, xerr=[[mean - low], [high - mean]], fmt="o", color="C0", capsize=3)
+        else:
+            difference, verdict = _difference(line, reference)
+            text = verdict if difference == "-" else difference  # "reference", "not run" or "not yet (...)"
+            ax.annotate(text, (0.5, position), xycoords=("axes fraction", "data"), ha="center", va="center",
+                        fontsize=8, color="0.4")
+    ax.axvline(0.0, color="0.3", linewidth=1, linestyle="--")
+    ax.set_yticks(y, [line["row"] for line in lines], fontsize=8)
+    ax.set_ylim(-0.7, len(lines) - 0.3)
+    ax.set_xlabel("\u0394 Dice vs reference (points), 95 % CI over video sequences")
+    if not any("diff" in line for line in lines):
+        ax.set_xlim(-5, 5)  # an empty plot still shows the scale the differences will have
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _finish(fig)
+
+
+def fold_means(cells: list[dict], metric: str = "dice") -> dict[str, dict[int, float]]:
+    """{row: {fold: mean over seeds of the cell's mean ``metric``}} from experiments.load_cells
+    records, rows in the order they come."""
+    values: dict[str, dict[int, list[float]]] = {}
+    for cell in cells:
+        values.setdefault(cell["row"], {}).setdefault(cell["fold"], []).append(cell["metrics"][metric])
+    return {row: {fold: float(np.mean(v)) for fold, v in sorted(folds.items())} for row, folds in values.items()}
+
+
+def fold_spread_plot(cells: list[dict], metric: str = "dice", title: str | None = None) -> Figure:
+    """Per row, each fold's mean ``metric`` as a dot (one colour per fold) and their mean as a
+    bar: the spread over folds behind a table's ±. Dice, IoU and NSD in %, HD95 in px."""
+    scale = 1.0 if metric == "hd95" else 100.0
+    means = fold_means(cells, metric)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(means), 1) + 1.2), dpi=DPI)
+    y = np.arange(len(means))[::-1]
+    folds = sorted({fold for row in means.values() for fold in row})
+    for position, (row, by_fold) in zip(y, means.items()):
+        for fold, value in by_fold.items():
+            ax.plot(scale * value, position, "o", color=f"C{folds.index(fold)}", alpha=0.8, label=f"fold {fold}")
+        ax.plot([scale * np.mean(list(by_fold.values()))] * 2, [position - 0.3, position + 0.3], color="0.2")
+    if not means:
+        ax.annotate("no cells done yet", (0.5, 0.5), xycoords="axes fraction", ha="center", va="center", color="0.4")
+        ax.set_yticks([])
+    else:
+        ax.set_yticks(y, list(means), fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))  # one legend entry per fold
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    name = {"dice": "Dice", "iou": "IoU", "hd95": "HD95", "nsd": "NSD"}.get(metric, metric)
+    ax.set_xlabel(f"{name} per fold ({'px' if metric == 'hd95' else '%'})")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _finish(fig)
+
+
+def seed_spread(cells: list[dict], fold: int = 0, metric: str = "dice") -> dict[str, dict]:
+    """Per row key, the mean ``metric`` of each seed on ``fold`` and their std over seeds
+    (ddof=1; None with fewer than 2 seeds): the training noise of the noise grid (notebook 06)."""
+    values: dict[str, dict[int, float]] = {}
+    for cell in cells:
+        if cell["fold"] == fold:
+            values.setdefault(cell["key"], {})[cell["seed"]] = cell["metrics"][metric]
+    return {key: {"seeds": by_seed, "std": float(np.std(list(by_seed.values()), ddof=1)) if len(by_seed) > 1 else None}
+            for key, by_seed in values.items()}
+
+
+def detectable_difference(seed_std: float, z: float = 1.96) -> float:
+    """The smallest difference between two single-seed cells that training noise alone makes
+    unlikely (two-sided 95 %): z x sqrt(2) x the std over seeds, the std of a difference of two."""
+    return z * math.sqrt(2.0) * seed_std
+
+
+def progress_note(state: dict) -> str:
+    """A grid's progress in words, from experiments.status: whether its row means are the 5-fold numbers yet."""
+    if state["done"] < state["cells"]:
+        return (f"{state['done']} of {state['cells']} cells done: the row means are not yet the paper's "
+                "5-fold numbers, and a row's difference is shown only once all its cells are done")
+    return f"all {state['cells']} cells done: the row means are over the grid's folds"

@@ -55,16 +55,16 @@ def test_cell_budgets_are_steps_and_the_baseline_gets_its_own():
 
 def test_a_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over(tmp_path):
     folder = tmp_path / "cell"
-    assert experiments.take_lock(folder)
-    assert not experiments.take_lock(folder)  # held (by this live process)
+    assert experiments.take_cell(folder)
+    assert not experiments.take_cell(folder)  # held (by this live process)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     holder = json.loads((folder / "lock").read_text()) | {"pid": int(dead.stdout)}
     (folder / "lock").write_text(json.dumps(holder))
-    assert experiments.take_lock(folder)  # its process is gone
+    assert experiments.take_cell(folder)  # its process is gone
     holder["host"] = "another-machine"
     (folder / "lock").write_text(json.dumps(holder))
-    assert not experiments.take_lock(folder)  # another machine's lock is respected
-    experiments.release_lock(folder)
+    assert not experiments.take_cell(folder)  # another machine's lock is respected
+    experiments.release_cell(folder)
     assert not (folder / "lock").exists()
 
 
@@ -74,13 +74,13 @@ def test_smoke_grid_runs_resumes_and_reports(tmp_path, clinicdb_like):
     cells = experiments.grid_cells(spec)
     assert len(cells) == 4  # 2 rows x 2 folds
     # A cell another process holds is left alone.
-    experiments.take_lock(cells[0].folder(out))
+    experiments.take_cell(cells[0].folder(out))
     holder = json.loads((cells[0].folder(out) / "lock").read_text())
     (cells[0].folder(out) / "lock").write_text(json.dumps(holder | {"pid": os.getppid()}))  # a live process
     first = experiments.run_grid("smoke", clinicdb_like, out, TINY_BUDGET, log=lambda *_: None)
     assert first["done"] == 3 and cells[0].name in first["running"]
     # Its holder died mid-training: the checkpoint it left is resumed, not started over.
-    experiments.release_lock(cells[0].folder(out))
+    experiments.release_cell(cells[0].folder(out))
     record = json.loads((cells[1].folder(out) / "cell.json").read_text())
     assert record["steps"] == 4 and record["fold"] == cells[1].fold and record["code"]
     per_image = (cells[1].folder(out) / "per_image.jsonl").read_text().splitlines()
