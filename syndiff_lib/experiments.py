@@ -378,6 +378,7 @@ def report(name: str, out, metric: str = "dice") -> list[dict]:
                      if any(r["fold"] == f for r in records)]
             line |= {m: float(np.mean([f[m] for f in folds])) for m in METRIC_NAMES}
             line |= {f"{m}_std": float(np.std([f[m] for f in folds])) for m in METRIC_NAMES}
+            line["n_folds"] = len(folds)
         if records and len(records) == expected and reference and (key, steps) != (spec["reference"], 1):
             ours = per_image(records)
             ids = sorted(set(ours) & set(reference), key=data_lib.natural_key)

@@ -218,9 +218,12 @@ NOT_RERUN = "reported, not rerun"
 
 
 def _mean_std(line: dict, metric: str, scale: float = 100.0, unit: str = "") -> str:
-    """ "mean ± std" of a report line's metric (std over folds), or "-" where the row has no cells."""
+    """ "mean ± std" of a report line's metric (std over folds), "mean (1 fold)" while one
+    fold alone is done (a spread over one fold is no spread), or "-" where the row has no cells."""
     if metric not in line:
         return "-"
+    if line.get("n_folds", 2) < 2:
+        return f"{scale * line[metric]:.1f}{unit} (1 fold)"
     return f"{scale * line[metric]:.1f} \u00b1 {scale * line[f'{metric}_std']:.1f}{unit}"
 
 

@@ -80,3 +80,12 @@ def test_seed_spread_and_the_smallest_detectable_difference():
 def test_progress_note_says_when_the_means_are_not_yet_the_grids():
     assert viz.progress_note({"done": 1, "cells": 30}).startswith("1 of 30 cells done: the row means are not yet")
     assert viz.progress_note({"done": 30, "cells": 30}).startswith("all 30 cells done")
+
+
+def test_one_fold_shows_no_spread():
+    from syndiff_lib import viz
+
+    one = {"row": "r", "key": "r", "cells": 1, "of": 5, "n_folds": 1, "dice": 0.62, "dice_std": 0.0, "iou": 0.5,
+           "iou_std": 0.0, "hd95": 70.0, "hd95_std": 0.0, "nsd": 0.2, "nsd_std": 0.0}
+    row = viz.grid_table_rows([one], "r")[0]
+    assert row[2] == "62.0 (1 fold)" and "±" not in " ".join(map(str, row[2:6]))
