@@ -39,19 +39,11 @@ BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")  # copied n
 RUN_INFO_TAG = "run-info"  # the note this script writes; replaced on every run
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def hardware() -> str:
     """One line: CPU model and cores, GPU if torch sees one, OS."""
     import torch  # late: argument errors should not wait for torch
+
+    from syndiff_lib.train import cpu_model  # the one reader of the CPU's name, as results.json records it
 
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return f"{cpu_model()} ({os.cpu_count()} cores){gpu}; {platform.system()} {platform.release()}"
