@@ -140,7 +140,9 @@ def cmd_evaluate(args) -> int:
     summary, per_image = evaluate(pipe, samples, args.steps, args.t_infer, args.seed, args.nsd_tolerance)
     summary.update(split=args.split, data=str(data), checkpoint=str(args.checkpoint), torch_threads=torch.get_num_threads())
     if args.per_image:
-        rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in per_image.items()} for i in range(len(samples))]
+        from .metrics import per_image_rows
+
+        rows = per_image_rows(per_image)
         Path(args.per_image).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     if args.json:
         print(json.dumps(summary))

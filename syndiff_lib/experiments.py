@@ -231,6 +231,7 @@ def data_name(data) -> str:
 def run_cell(cell: Cell, spec: dict, data, out: Path, budget: GridBudget, log=print) -> dict | None:
     """Train (or resume) and score one cell; returns its cell.json, or None if another process
     holds it or the model it reuses is not trained yet."""
+    from .metrics import per_image_rows
     from .pipeline import evaluate, load_pipeline
     from .checkpoint import find_checkpoint
     from .train import train
@@ -265,7 +266,7 @@ def run_cell(cell: Cell, spec: dict, data, out: Path, budget: GridBudget, log=pr
         split = data_lib.load_split(run_dir / "split.json")
         test = data_lib.load_dataset(data, ids=split["test"])  # native resolution: the score is on the real frames
         summary, per_image = evaluate(load_pipeline(run_dir), test, cell.row.get("steps", 1), seed=cell.seed)
-        rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in per_image.items()} for i in range(len(test))]
+        rows = per_image_rows(per_image)
         (folder / "per_image.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         record = {
             "grid": spec["name"], "row": cell.row["row"], "key": row_key(cell.row), "fold": cell.fold, "seed": cell.seed,

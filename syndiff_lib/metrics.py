@@ -124,6 +124,12 @@ def dice_score(pred, target) -> float:
     return float(compute_dice(y_pred, y, include_background=True))
 
 
+def per_image_rows(per_image: dict[str, np.ndarray]) -> list[dict]:
+    """{metric: [N] array} -> N dicts of plain Python values, one per image (for JSON Lines)."""
+    n = len(next(iter(per_image.values())))
+    return [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in per_image.items()} for i in range(n)]
+
+
 def summarize(per_image: dict[str, np.ndarray]) -> dict:
     """Mean and std (numpy's, ddof=0) of each metric over images, plus counts.
 
