@@ -64,11 +64,21 @@ SMOKE = [  # two rows for CI: the machinery (resume, lock, report), never a resu
     {"row": "real", "key": "smoke_real", "train": ablations.NO_FLIPS},
     {"row": "+ synthetic", "key": "smoke_text", "train": ablations.NO_FLIPS, "synthetic": 100},
 ]
+# Does bf16 autocast training cost Dice? The same cells as the noise grid's, trained in bf16.
+PRECISION = [
+    TABLE1[0],
+    {"row": "SynDiff, trained with bf16 autocast", "key": "syndiff_bf16", "synthetic": 100,
+     "train": {"mixed_precision": "bf16"}},
+    TABLE1[2],
+    {"row": "Pixel U-Net, trained with bf16 autocast", "key": "baseline_bf16", "model_kind": "baseline",
+     "synthetic": 100, "train": {"mixed_precision": "bf16"}},
+]
 GRIDS = {
     "table1": {"rows": TABLE1, "reference": "syndiff"},
     "table2": {"rows": ablations.TABLE2, "reference": "real"},
     "table3": {"rows": ablations.TABLE3, "reference": "real"},
     "noise": {"rows": [TABLE1[0], TABLE1[2]], "reference": "syndiff", "folds": (0,), "seeds": (0, 1, 2)},
+    "precision": {"rows": PRECISION, "reference": "syndiff", "folds": (0,), "seeds": (0, 1, 2)},
     "smoke": {"rows": SMOKE, "reference": "smoke_real", "folds": (0, 1), "profile": "tiny"},
 }
 # Every row that trains a model, by key: a row of one table may score another table's model.
@@ -106,8 +116,11 @@ def cell_profile(spec: dict, row: dict, budget: GridBudget) -> Profile:
     the grid's step budget (no wall-clock limit: steps define the cell)."""
     profile = get_profile(spec["profile"], recipe=row.get("recipe"))
     steps = budget.baseline_steps if row.get("model_kind") == "baseline" else budget.syndiff_steps
+    # fp32 unless a row says otherwise: a cell must train alike on every machine, and a
+    # profile's "auto" precision would pick bf16 on some CPUs and fp32 on others.
+    train = {"mixed_precision": "no"} | row.get("train", {})
     profile.train = dataclasses.replace(
-        profile.train, **row.get("train", {}), max_steps=budget.syndiff_steps, baseline_steps=budget.baseline_steps,
+        profile.train, **train, max_steps=budget.syndiff_steps, baseline_steps=budget.baseline_steps,
         max_minutes=NO_TIME_LIMIT,
         val_every=min(budget.val_every, steps), checkpoint_every=min(budget.checkpoint_every, steps),
         lr_warmup_steps=min(profile.train.lr_warmup_steps, steps))

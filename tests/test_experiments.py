@@ -38,10 +38,16 @@ def test_every_grid_has_rows_folds_and_a_trained_reference():
         assert spec["reference"] in keys, name
         for row in spec["rows"]:  # a row that reuses a model names one that some row trains
             assert row.get("model") in set(experiments.TRAINED) | {None}, (name, row["row"])
-    assert len(experiments.TRAINED) == sum(len([r for r in g["rows"] if "key" in r]) for g in experiments.GRIDS.values()
-                                           if g is not experiments.GRIDS["noise"])  # keys are unique across tables
+    training_rows = {id(r) for g in experiments.GRIDS.values() for r in g["rows"] if "key" in r}
+    assert len(experiments.TRAINED) == len(training_rows)  # one key, one row (grids may share a row, never a key)
     cells = experiments.grid_cells(experiments.grid_spec("table3"))
     assert len({c.folder("g") for c in cells}) == len(cells)  # no two cells share a folder
+
+
+def test_cells_train_in_fp32_unless_their_row_says_otherwise():
+    spec, budget = experiments.grid_spec("precision"), experiments.GridBudget()
+    precisions = {row["key"]: experiments.cell_profile(spec, row, budget).train.mixed_precision for row in spec["rows"]}
+    assert precisions == {"syndiff": "no", "syndiff_bf16": "bf16", "baseline": "no", "baseline_bf16": "bf16"}
 
 
 def test_cell_budgets_are_steps_and_the_baseline_gets_its_own():
