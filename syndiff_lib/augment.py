@@ -1,26 +1,49 @@
-"""Augmentation of training batches: random flips and the paper's "traditional" rotation.
+"""Augmentation of training batches: random flips, the paper's "traditional" rotation, and
+photometric changes.
 
 Taught in notebook 02 (synthesis, beside the synthetic data it is compared with) and used by
-the training loop (``TrainConfig.flip_augment``, ``TrainConfig.rotate_augment``). Each function
-changes image and mask with the same draw, so a pair stays aligned; every draw comes from the
-``torch.Generator`` passed in.
+the training loop (``TrainConfig.flip_augment``, ``TrainConfig.rotate_augment``,
+``TrainConfig.photometric_augment``). The geometric functions change image and mask with the
+same draw, so a pair stays aligned; the photometric ones change the image only, since a
+polyp under other light, out of focus or compressed is still where it was. Every draw comes
+from the ``torch.Generator`` passed in.
 
     x  images [B, 3, S, S] in [-1, 1]
     y  masks  [B, 1, S, S] in {0, 1}
 
 The paper's Table 3 row "Traditional (rotation, flip)" is both: ``flip_augment`` and
-``rotate_augment`` on (see ``ablations.TRADITIONAL``).
+``rotate_augment`` on (see ``ablations.TRADITIONAL``). The photometric changes are not in the
+paper: they imitate what differs between endoscopes and data sets (the light and colour of a
+camera, its focus, Kvasir-SEG's JPEG compression against ClinicDB's lossless frames).
 """
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 MAX_ANGLE = 20.0  # degrees: a small rotation, as a colonoscope turns; larger ones show much black corner
+
+# Photometric ranges: each factor is drawn uniformly in [1 - spread, 1 + spread]. Mild on purpose:
+# the mucosa must stay the pink-red it is under any endoscope's light.
+BRIGHTNESS = 0.2  # exposure and distance to the light
+CONTRAST = 0.2
+SATURATION = 0.2
+HUE = 0.03  # of a full turn of hue: a camera's white balance; more would turn mucosa green or purple
+BLUR_SIGMA = (0.1, 1.5)  # pixels: from sharp to an out-of-focus or moving camera
+BLUR_PROBABILITY = 0.5  # most frames are sharp enough; blur half of them
+JPEG_QUALITY = (30, 95)  # the range of qualities web and archive copies of frames are saved at
+JPEG_PROBABILITY = 0.5  # half the frames re-compressed, half left as they are
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in the grey level Y
+# RGB -> YIQ (BT.601): Y is the grey level, I and Q the two colour axes; a hue shift turns (I, Q).
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
 
 
 def random_flips(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +72,93 @@ def random_rotations(x: torch.Tensor, y: torch.Tensor, generator: torch.Generato
     return x, y
 
 
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    """n draws uniform in [low, high]."""
+    return low + (high - low) * torch.rand(n, generator=generator)  # [n]
+
+
+def colour_jitter(x: torch.Tensor, generator: torch.Generator, brightness: float = BRIGHTNESS,
+                  contrast: float = CONTRAST, saturation: float = SATURATION, hue: float = HUE) -> torch.Tensor:
+    """Change each image's brightness, contrast, saturation and hue by random factors (a new tensor).
+
+    With u the image in [0, 1] and Y its grey level (LUMA), in this order, each clipped to [0, 1]:
+    brightness u * b; contrast (u - mean Y) * c + mean Y; saturation (u - Y) * s + Y; hue a
+    rotation of the (I, Q) colour plane of YIQ by h turns, which keeps the grey level Y.
+    """
+    n = len(x)
+    b, c, s = (_uniform(n, 1 - spread, 1 + spread, generator).view(n, 1, 1, 1) for spread in
+               (brightness, contrast, saturation))  # [B, 1, 1, 1] each
+    angle = 2 * math.pi * _uniform(n, -hue, hue, generator)  # [B]
+    luma = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+
+    u = (x + 1) / 2  # [B, 3, H, W] in [0, 1]
+    # 1. Brightness.
+    u = (u * b.to(u)).clamp(0, 1)
+    # 2. Contrast: stretch about the image's mean grey level.
+    mean_grey = (u * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)  # [B, 1, 1, 1]
+    u = ((u - mean_grey) * c.to(u) + mean_grey).clamp(0, 1)
+    # 3. Saturation: move each pixel away from (or towards) its own grey level.
+    grey = (u * luma).sum(1, keepdim=True)  # [B, 1, H, W]
+    u = ((u - grey) * s.to(u) + grey).clamp(0, 1)
+    # 4. Hue: RGB -> YIQ, turn (I, Q) by the angle, back to RGB, as one 3x3 matrix per image.
+    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros(n), torch.ones(n)
+    turn = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                        torch.stack([zero, sin, cos], 1)], 1)  # [B, 3, 3]
+    matrix = YIQ_TO_RGB @ turn @ RGB_TO_YIQ  # [B, 3, 3]
+    u = torch.einsum("bij,bjhw->bihw", matrix.to(u), u).clamp(0, 1)  # [B, 3, H, W]
+    return u * 2 - 1
+
+
+def gaussian_blur(x: torch.Tensor, generator: torch.Generator, sigma: tuple[float, float] = BLUR_SIGMA,
+                  probability: float = BLUR_PROBABILITY) -> torch.Tensor:
+    """Blur each image, with the given probability, by a Gaussian of standard deviation uniform in
+    ``sigma`` pixels (a new tensor). The kernel is separable and 3 sigma wide on each side; the
+    edges are extended by their own pixels, so the black border stays black."""
+    do = torch.rand(len(x), generator=generator) < probability  # [B]
+    sigmas = _uniform(len(x), *sigma, generator)  # [B], drawn for every image: the draws do not depend on `do`
+    out = x.clone()
+    for i in do.nonzero()[:, 0].tolist():
+        radius = math.ceil(3 * sigmas[i].item())
+        taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        kernel = torch.exp(-taps**2 / (2 * sigmas[i].item() ** 2))
+        kernel = kernel / kernel.sum()  # [2r + 1]
+        image = F.pad(x[i:i + 1], (radius, radius, radius, radius), mode="replicate")  # [1, 3, H + 2r, W + 2r]
+        image = F.conv2d(image, kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)  # along W
+        out[i] = F.conv2d(image, kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)[0]  # along H: [3, H, W]
+    return out
+
+
+def jpeg_artefacts(x: torch.Tensor, generator: torch.Generator, quality: tuple[int, int] = JPEG_QUALITY,
+                   probability: float = JPEG_PROBABILITY) -> torch.Tensor:
+    """Save each image, with the given probability, as a JPEG of quality uniform in ``quality``
+    (PIL) and read it back: blocks and ringing as a compressed copy of a frame has (a new tensor)."""
+    do = torch.rand(len(x), generator=generator) < probability  # [B]
+    qualities = torch.randint(quality[0], quality[1] + 1, (len(x),), generator=generator)  # [B]
+    out = x.clone()
+    for i in do.nonzero()[:, 0].tolist():
+        pixels = ((x[i].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()  # [H, W, 3] uint8
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(qualities[i]))
+        decoded = np.asarray(Image.open(buffer).convert("RGB"))  # [H, W, 3] uint8
+        out[i] = torch.from_numpy(decoded.copy()).permute(2, 0, 1).to(x) / 127.5 - 1
+    return out
+
+
+def photometric_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images only, in the order a frame is made: the light (colour jitter), the optics (blur),
+    the codec (JPEG). Returns a new tensor [B, 3, S, S] in [-1, 1]; masks need no change."""
+    x = colour_jitter(x, generator)
+    x = gaussian_blur(x, generator)
+    return jpeg_artefacts(x, generator)
+
+
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *, flip: bool,
-                  rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training loop's augmentation: flips if ``flip``, then a rotation if ``rotate``."""
+                  rotate: bool, photometric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loop's augmentation: photometric changes of the images if ``photometric``,
+    flips if ``flip``, then a rotation if ``rotate``. The photometric changes come first, so the
+    black corners a rotation uncovers stay black, like the endoscope's border."""
+    if photometric:
+        x = photometric_augment(x, generator)
     if flip:
         x, y = random_flips(x, y, generator)
     if rotate:

@@ -68,10 +68,47 @@ def encode_mask(vae: AutoencoderKL, mask: torch.Tensor) -> torch.Tensor:
     return vae.encode(x).latent_dist.mean * vae.config.scaling_factor  # [B, 4, h, w]
 
 
-def decode_mask(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
-    """Soft mask in [0, 1] [B, 1, H, W] = (mean over channels of D(z / s) + 1) / 2."""
-    x = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample  # [B, 3, H, W]
-    return ((x.float().mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)  # [B, 1, H, W]
+def decode_mask(vae: AutoencoderKL, latent: torch.Tensor, downscale: int = 1) -> torch.Tensor:
+    """Soft mask in [0, 1] [B, 1, H, W] = (mean over channels of D(z / s) + 1) / 2.
+
+    ``downscale`` = 2 or 4 is a faster, approximate D: it skips the interpolation of D's
+    last one or two upsamplers, so the blocks that run at full resolution (most of D's cost, though a mask
+    is smooth there) run at H/2 or H/4, and the soft mask is upsampled bilinearly to H x W.
+    D is fully convolutional, so the same weights apply; how much Dice this costs is
+    measured, not assumed (``bench.speed_options``).
+    """
+    z = latent.to(vae.dtype) / vae.config.scaling_factor
+    if downscale == 1:
+        x = vae.decode(z).sample  # [B, 3, H, W]
+    else:
+        x = decode_skipping_upsamplers(vae, z, skip=int(math.log2(downscale)))  # [B, 3, H/d, W/d]
+    soft = ((x.float().mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)  # [B, 1, H/d, W/d]
+    if downscale != 1:
+        soft = F.interpolate(soft, scale_factor=downscale, mode="bilinear", align_corners=False)
+    return soft
+
+
+DECODE_DOWNSCALES = (1, 2, 4)
+
+
+def decode_skipping_upsamplers(vae: AutoencoderKL, z: torch.Tensor, skip: int) -> torch.Tensor:
+    """D(z) without the interpolation of its last ``skip`` upsamplers: diffusers'
+    Decoder.forward, step by step."""
+    decoder = vae.decoder
+    upsampling = [i for i, block in enumerate(decoder.up_blocks) if block.upsamplers is not None]
+    if not 0 <= skip <= len(upsampling):
+        raise ValueError(f"D has {len(upsampling)} upsamplers; cannot skip {skip}")
+    skipped = set(upsampling[len(upsampling) - skip:])
+    x = decoder.conv_in(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)
+    x = decoder.mid_block(x, None)
+    for i, block in enumerate(decoder.up_blocks):
+        for resnet in block.resnets:
+            x = resnet(x, temb=None)
+        for upsampler in block.upsamplers or ():
+            # A skipped upsampler keeps its convolution and drops only the 2x interpolation
+            # before it, so every layer of D still runs, on a smaller grid.
+            x = upsampler.conv(x) if i in skipped else upsampler(x)
+    return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
 
 
 class ImageEncoder(ModelMixin, ConfigMixin):
@@ -281,7 +318,9 @@ def autoencoder_cache_key(profile: Profile, train_ids, data, seed: int, stage: s
     cfg = {k: v for k, v in profile.autoencoder.__dict__.items() if k not in NOT_IN_KEY}
     if stage == "autoencoder":
         cfg = {k: v for k, v in cfg.items() if k not in MASK_DECODER_FIELDS}
-    where = str(data) if str(data) == "toy" else str(Path(data).resolve())  # one key whatever the working folder
+    places = [str(d) if str(d) == "toy" else str(Path(d).resolve())  # one key whatever the working folder
+              for d in (data if isinstance(data, (list, tuple)) else [data])]
+    where = places[0] if len(places) == 1 else places  # one data set keeps the key it always had
     blob = json.dumps([cfg, profile.train.image_size, sorted(train_ids), where, seed], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -10,6 +10,12 @@ From the parts, T steps can at best be (E + D + T f) / (E + D + f) times slower 
 step: that "ceiling" is what the paper's "T x speedup" becomes once the encoder and decoder
 are counted. ``overhead`` = latency_s[1] / floor_s shows what the single-step code adds to
 the three bare forwards. On a GPU, times come from CUDA events after a warm-up.
+
+:func:`speed_options` then asks how fast the single step can go on real frames, batch 1,
+pre- and post-processing included: each option of :data:`SPEED_OPTIONS` (bf16, channels-last,
+the approximate decoder, onnxruntime, int8) with its latency percentiles, frames per second,
+the time of each part, and its Dice on the run's validation and test frames, in one run.
+:func:`fastest_that_holds` picks an option on validation Dice alone.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import torch
 
+from .pipeline import Speed, images_to_tensor, soft_maps_to_output
 from .unet import unet_forward
 
 
@@ -95,16 +103,16 @@ def train_step_benchmark(profile, models=("syndiff", "baseline"), steps: int = 2
     from accelerate import Accelerator
 
     from .autoencoder import build_autoencoder
-    from .train import baseline_trainee, optimisation_step, syndiff_trainee
+    from .train import baseline_trainee, optimisation_step, resolve_mixed_precision, syndiff_trainee
 
     tcfg = profile.train
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tcfg.mixed_precision))
     generator = torch.Generator().manual_seed(seed)
     size, batch = tcfg.image_size, tcfg.batch_size
     pixels = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1  # [B, 3, S, S]
     mask = (torch.rand(batch, 1, size, size, generator=generator) > 0.7).float()  # [B, 1, S, S]
     result = {"profile": profile.name, "image_size": size, "batch": batch, "threads": torch.get_num_threads(),
-              "steps_timed": steps, "seconds_per_step": {}}
+              "mixed_precision": accelerator.mixed_precision, "steps_timed": steps, "seconds_per_step": {}}
     for model in models:
         torch.manual_seed(seed)
         if model == "syndiff":
@@ -130,3 +138,127 @@ def train_step_benchmark(profile, models=("syndiff", "baseline"), steps: int = 2
         s = result["seconds_per_step"]
         result["baseline_steps_per_syndiff_step"] = s["syndiff"] / s["baseline"]
     return result
+
+
+def benchmark_onnx(pipe, batch_size: int = 1, warmup: int = 2, repeats: int = 5, seed: int = 0) -> dict:
+    """Median seconds of one call of an export.OnnxPipeline's graph on random preprocessed input (the
+    parts are fused in one graph, so only the whole is timed). Taught in notebook 07 (efficiency)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = pipe.image_size
+    feeds = {"pixels": (torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1).numpy()}
+    if pipe.record["model"] == "syndiff":
+        feeds["noise"] = torch.randn([batch_size, *pipe.record["noise"]["shape"][1:]], generator=generator).numpy()
+    seconds = _timer(torch.device("cpu"), lambda: pipe.session.run(None, feeds), warmup, repeats)
+    return {"runtime": "onnxruntime", "providers": pipe.session.get_providers(), "model": pipe.record["model"],
+            "batch": batch_size, "image_size": size, "latency_s": {"1": seconds},
+            "latency_per_image_s": {"1": seconds / batch_size}, "threads": torch.get_num_threads()}
+
+
+# The speed options notebook 07 compares: (runtime, pipeline.Speed). The first is today's
+# exact pipeline, the reference every other row's Dice is compared with.
+SPEED_OPTIONS = {
+    "fp32": ("torch", Speed()),
+    "channels-last": ("torch", Speed(channels_last=True)),
+    "bf16": ("torch", Speed(bf16=True)),
+    "bf16 + channels-last": ("torch", Speed(bf16=True, channels_last=True)),
+    "decode/2": ("torch", Speed(decode_downscale=2)),
+    "decode/4": ("torch", Speed(decode_downscale=4)),
+    "bf16 + channels-last + decode/2": ("torch", Speed(bf16=True, channels_last=True, decode_downscale=2)),
+    "onnxruntime": ("onnxruntime", Speed()),
+    "onnxruntime + decode/2": ("onnxruntime", Speed(decode_downscale=2)),
+    "onnxruntime int8": ("onnxruntime-int8", Speed()),
+}
+
+
+def segmenter_for(checkpoint, option: str, export_dir):
+    """The run ``checkpoint`` set up as :data:`SPEED_OPTIONS` names it: a SynDiffPipeline with
+    its Speed, or the exported graph (written to ``export_dir``) in an OnnxPipeline."""
+    from .export import OnnxPipeline, export_onnx
+    from .pipeline import SynDiffPipeline
+
+    runtime, speed = SPEED_OPTIONS[option]
+    if runtime == "torch":
+        return SynDiffPipeline.from_pretrained(checkpoint).set_speed(speed)
+    int8 = runtime == "onnxruntime-int8"
+    export_onnx(checkpoint, export_dir, int8=int8, decode_downscale=speed.decode_downscale)
+    return OnnxPipeline.from_pretrained(export_dir, int8=int8)
+
+
+def _percentiles(seconds: list[float]) -> dict:
+    ms = 1000 * np.asarray(seconds)
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "frames_per_s": float(len(ms) / (ms.sum() / 1000))}
+
+
+@torch.no_grad()
+def time_parts(pipe, frame: np.ndarray, warmup: int = 3, repeats: int = 20, seed: int = 0) -> dict:
+    """Median milliseconds of each part of one frame's single step, torch runtime:
+    pre (resize + normalise), encoder E_phi, U-Net, decoder D, post (resize back + threshold)."""
+    device, size = pipe.device, pipe.profile.train.image_size
+    pixels = images_to_tensor([frame], size)  # [1, 3, S, S]
+    with pipe.autocast():
+        image_latent = pipe.encode_images(pixels)  # [1, 4, h, w]
+        mask_latent = pipe.denoise(image_latent, generator=torch.Generator().manual_seed(seed))
+        soft = pipe.decode(mask_latent).float().cpu()  # [1, 1, S, S]
+        t = torch.full((1,), pipe.profile.diffusion.t_infer, device=device, dtype=torch.long)
+        parts = {
+            "pre": lambda: images_to_tensor([frame], size),
+            "encoder": lambda: pipe.encode_images(pixels),
+            "unet": lambda: unet_forward(pipe.unet, image_latent, image_latent, t),
+            "decoder": lambda: pipe.decode(mask_latent),
+            "post": lambda: soft_maps_to_output([frame], soft, "input", 0.5),
+        }
+        return {name: 1000 * _timer(device, fn, warmup, repeats) for name, fn in parts.items()}
+
+
+def time_frames(segmenter, frames, seed: int = 0, warmup: int = 3) -> dict:
+    """Per-frame latency of whole calls (pre + model + post), batch 1, frames in order."""
+    generator = torch.Generator().manual_seed(seed)
+    for frame in frames[:warmup]:
+        segmenter([frame], generator=generator, batch_size=1)
+    seconds = []
+    for frame in frames:
+        t0 = time.perf_counter()
+        segmenter([frame], generator=generator, batch_size=1)
+        seconds.append(time.perf_counter() - t0)
+    return _percentiles(seconds)
+
+
+def speed_options(checkpoint, frames, val_samples, test_samples, options=None, seed: int = 0,
+                  repeats: int = 20) -> list[dict]:
+    """Each speed option's latency and Dice in one run, side by side (notebook 07).
+
+    Latency: the parts of one single step (torch runtime; an onnxruntime graph is one fused
+    call) and whole calls on ``frames``, batch 1, in order. Dice: on the run's validation
+    frames (what a choice between options may look at) and on its test frames (reported,
+    never used to choose). Time it on a quiet machine: every row shares the same cores.
+    """
+    import tempfile
+
+    from .pipeline import evaluate
+
+    rows = []
+    for name in options or SPEED_OPTIONS:
+        runtime, speed = SPEED_OPTIONS[name]
+        with tempfile.TemporaryDirectory(prefix="syndiff-onnx-") as tmp:
+            segmenter = segmenter_for(checkpoint, name, tmp)  # onnxruntime holds its graph in memory
+        parts = time_parts(segmenter, frames[0], repeats=repeats, seed=seed) if runtime == "torch" else None
+        row = {"option": name, "runtime": runtime.replace("-int8", ""), "speed": speed.describe(), "parts_ms": parts}
+        row.update(time_frames(segmenter, frames, seed))
+        for split, samples in (("val", val_samples), ("test", test_samples)):
+            row[f"{split}_dice"] = evaluate(segmenter, samples, seed=seed)[0]["dice"] if samples else None
+        rows.append(row)
+    reference = rows[0]
+    for row in rows:
+        for split in ("val", "test"):
+            if row[f"{split}_dice"] is not None and reference[f"{split}_dice"] is not None:
+                row[f"{split}_dice_change"] = row[f"{split}_dice"] - reference[f"{split}_dice"]
+        row["speedup"] = reference["p50_ms"] / row["p50_ms"]
+    return rows
+
+
+def fastest_that_holds(rows: list[dict], tolerance: float = 0.01) -> dict:
+    """The fastest option whose validation Dice is within ``tolerance`` of the exact
+    pipeline's: the choice rests on validation frames only, never on the test frames."""
+    held = [r for r in rows if r.get("val_dice_change") is not None and r["val_dice_change"] >= -tolerance]
+    return min(held, key=lambda r: r["p50_ms"])

@@ -1,13 +1,15 @@
 """The `syndiff` command: thin verbs over the library (train, evaluate, segment, bench, data, synth).
 
     syndiff data check DIR
-    syndiff train --profile tiny|cpu|full --data DIR --out RUN_DIR [--resume] [--seed N] ...
-    syndiff evaluate --checkpoint RUN_DIR --data DIR --split test|val|all [--steps N] [--t-infer T] [--json]
-    syndiff segment --checkpoint RUN_DIR IMAGE_OR_DIR... --out DIR [--runtime torch|onnxruntime]
+    syndiff train --profile tiny|cpu|full --data DIR [--data DIR2 ...] --out RUN_DIR [--resume] [--seed N] ...
+    syndiff evaluate --checkpoint RUN_DIR --data DIR --split test|val|all [--resolution native|model] [--json]
+    syndiff segment --checkpoint RUN_DIR IMAGE_OR_DIR... --out DIR [--fit stretch|letterbox] [--runtime torch|onnxruntime]
     syndiff segment --checkpoint RUN_DIR VIDEO_OR_FRAME_DIR --out DIR --overlay CLIP.mp4
-    syndiff export --checkpoint RUN_DIR --out EXPORT_DIR [--int8]
+    syndiff export --checkpoint RUN_DIR --out EXPORT_DIR [--int8] [--decode-downscale 2]
     syndiff bench --checkpoint RUN_DIR --steps 1,50,100 [--batch B] [--device cpu|cuda] [--runtime torch|onnxruntime] [--json]
+    syndiff bench --checkpoint RUN_DIR --speed-options all [--data DIR] [--frames N] [--json]
     syndiff synth --backend sdxl|copy-paste|gan --data DIR --out DIR --n 100 ...
+    syndiff generalise run|status|report --data-root DIR --out DIR [--only KEY,...]
 
 ``--data`` defaults to $SYNDIFF_DATA, else the built-in toy dataset ("toy"). Bad input ends
 with one line "error: ..." on stderr and exit code 2, before any long work starts.
@@ -95,6 +97,8 @@ def profile_from_args(args):
         train["freeze_encoder"] = True
     if args.traditional_augment:  # the paper's Table 3 row: flips and rotation
         train |= {"flip_augment": True, "rotate_augment": True}
+    if args.photometric_augment:
+        train["photometric_augment"] = True
     profile.train = dataclasses.replace(profile.train, **train)
     check_profile(profile)
     return profile
@@ -104,16 +108,19 @@ def cmd_train(args) -> int:
     from .train import train
 
     profile = profile_from_args(args)
-    results = train(profile, args.data or default_data(), args.out, model=args.model, resume=args.resume, seed=args.seed,
+    data = args.data or [default_data()]  # --data is repeatable: several data sets train together
+    data = data[0] if len(data) == 1 else data
+    results = train(profile, data, args.out, model=args.model, resume=args.resume, seed=args.seed,
                     fold=args.fold, folds=args.folds, split_seed=args.split_seed, synthetic=args.synthetic or (),
                     overwrite=args.overwrite)
     print(json.dumps({k: results[k] for k in ("steps", "train_seconds", "val_dice", "best_step")}))
     return 0
 
 
-def split_samples(run_dir: Path, data, split_name: str, size: int):
+def split_samples(run_dir: Path, data, split_name: str, size: int | None):
     """The samples of one split: the run's own split.json when the data is the one it trained
-    on, else the data set's own split (data.build_split); "all" is every frame."""
+    on (or one of those), else the data set's own split (data.build_split); "all" is every
+    frame. ``size`` None: each frame at its own size, else size x size."""
     from . import data as data_lib
 
     split_file = run_dir / "split.json"
@@ -121,8 +128,9 @@ def split_samples(run_dir: Path, data, split_name: str, size: int):
     if split_name == "all":
         split = data_lib.build_split(data, scheme="all")
         split_name = "test"
-    elif split is None or not data_lib.same_data(split.get("data"), data):
-        split = data_lib.build_split(data)
+    else:
+        part = None if split is None else data_lib.split_part(split, data)
+        split = part if part is not None else data_lib.build_split(data)
     return data_lib.load_dataset(data, size=size, ids=split[split_name])
 
 
@@ -132,13 +140,18 @@ def cmd_evaluate(args) -> int:
     from .pipeline import check_segment_options, evaluate, load_pipeline
 
     data = args.data or default_data()
+    if args.fit == "letterbox" and args.resolution == "model":
+        raise ValueError("--fit letterbox pads each frame at its own size: use it with --resolution native "
+                         "(at --resolution model the frames are already squeezed to the model's square)")
     pipe = load_pipeline(args.checkpoint, device=args.device)
     check_segment_options(pipe, args.steps, args.t_infer)  # before the data is read
-    samples = split_samples(Path(args.checkpoint), data, args.split, pipe.profile.train.image_size)
+    size = pipe.profile.train.image_size
+    samples = split_samples(Path(args.checkpoint), data, args.split, None if args.resolution == "native" else size)
     if not samples:
         raise ValueError(f"the {args.split} split of {data} is empty")
-    summary, per_image = evaluate(pipe, samples, args.steps, args.t_infer, args.seed, args.nsd_tolerance)
-    summary.update(split=args.split, data=str(data), checkpoint=str(args.checkpoint), torch_threads=torch.get_num_threads())
+    summary, per_image = evaluate(pipe, samples, args.steps, args.t_infer, args.seed, args.nsd_tolerance, args.fit)
+    summary.update(split=args.split, data=str(data), checkpoint=str(args.checkpoint), resolution=args.resolution,
+                   model_size=size, fit=args.fit, torch_threads=torch.get_num_threads())
     if args.per_image:
         from .metrics import per_image_rows
 
@@ -148,7 +161,7 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(summary))
     else:
         how = f", {args.steps} step(s), t_infer {summary['t_infer']}" if "t_infer" in summary else ""
-        print(f"{args.split} ({summary['n']} images{how}):")
+        print(f"{args.split} ({summary['n']} images{how}, {args.resolution} resolution, {args.fit}):")
         for name in ("dice", "iou", "hd95", "nsd"):
             print(f"  {name:5s} {summary[name]:.4f} ± {summary[name + '_std']:.4f}")
     return 0
@@ -162,6 +175,8 @@ def cmd_segment(args) -> int:
 
     out_dir = Path(args.out)
     clip = find_clip(args.inputs, out_dir, args.overlay)  # a video file or frame folder, checked; else None
+    if clip and args.fit != "stretch":
+        raise ValueError("--fit letterbox applies to image files; a clip's frames are segmented stretched")
     files = None if clip else files_to_segment(args.inputs, out_dir)  # every input problem, in one error, before the model loads
     pipe = load_segmenter(args.checkpoint, args.runtime, device=args.device)
     check_segment_options(pipe, args.steps, args.t_infer)
@@ -172,7 +187,7 @@ def cmd_segment(args) -> int:
         print(f"{stats['frames_per_s']:.1f} frames/s end to end; model call per frame p50 {stats['latency_p50_s'] * 1000:.1f} ms, "
               f"p95 {stats['latency_p95_s'] * 1000:.1f} ms ({args.runtime})")
         return 0
-    written = segment_files(pipe, files, out_dir, args.steps, args.t_infer, args.seed)  # batch by batch
+    written = segment_files(pipe, files, out_dir, args.steps, args.t_infer, args.seed, fit=args.fit)  # batch by batch
     print(f"wrote {written} masks to {out_dir}")
     return 0
 
@@ -181,13 +196,46 @@ def cmd_export(args) -> int:
     from .data import make_toy_dataset
     from .export import compare_graphs, export_onnx
 
-    record = export_onnx(args.checkpoint, args.out, int8=args.int8)
+    record = export_onnx(args.checkpoint, args.out, int8=args.int8, decode_downscale=args.decode_downscale)
     print(f"wrote {Path(args.out) / record['graph']} and preprocess.json ({record['model']}, opset {record['opset']}, "
           f"{record['image_size']}x{record['image_size']}, batch {record['batch']})")
     if args.int8:  # how far int8 moves the masks, on toy frames; whether to ship it is decided on real data
         agreement = compare_graphs(args.out, [s.image for s in make_toy_dataset(8, size=record["image_size"])])
         print(f"wrote {Path(args.out) / record['int8_graph']}: Dice against the fp32 graph {agreement['dice']:.4f}, "
               f"largest soft-mask difference {agreement['soft_max_abs']:.4f} (8 toy frames)")
+    return 0
+
+
+def cmd_bench_speed_options(args) -> int:
+    """`bench --speed-options`: every speed option's latency and Dice in one run (notebook 07)."""
+    from .bench import SPEED_OPTIONS, fastest_that_holds, speed_options
+    from .pipeline import SynDiffPipeline
+
+    if not args.checkpoint:
+        raise ValueError("--speed-options needs --checkpoint RUN_DIR (a trained SynDiff run)")
+    options = args.speed_options.split(",") if args.speed_options != "all" else list(SPEED_OPTIONS)
+    if unknown := [o for o in options if o not in SPEED_OPTIONS]:
+        raise ValueError(f"unknown --speed-options {', '.join(unknown)}; choose from: {', '.join(SPEED_OPTIONS)}")
+    SynDiffPipeline.from_pretrained(args.checkpoint)  # a baseline run or a damaged folder fails here, before any work
+    data, run = args.data or default_data(), Path(args.checkpoint)
+    val, test = (split_samples(run, data, name, None) for name in ("val", "test"))
+    if not test:
+        raise ValueError(f"the test split of {data} is empty: nothing to time or score")
+    frames = [s.image for s in test[:args.frames]]
+    rows = speed_options(run, frames, val, test, options, repeats=args.repeats)
+    chosen = fastest_that_holds(rows)
+    if args.json:
+        print(json.dumps({"options": rows, "fastest_within_0.01_val_dice": chosen["option"], "frames": len(frames),
+                          "data": str(data), "checkpoint": str(run)}))
+        return 0
+    print(f"{len(frames)} test frames, batch 1, pre- and post-processing included; Dice on {len(val)} validation "
+          f"and {len(test)} test frames")
+    print(f"{'option':34s} {'p50 ms':>7s} {'p95 ms':>7s} {'fps':>6s} {'val Dice':>9s} {'test Dice':>9s}  parts (ms)")
+    for r in rows:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in (r["parts_ms"] or {}).items()) or "one fused graph"
+        print(f"{r['option']:34s} {r['p50_ms']:7.1f} {r['p95_ms']:7.1f} {r['frames_per_s']:6.1f} "
+              f"{r['val_dice']:9.4f} {r['test_dice']:9.4f}  {parts}")
+    print(f"fastest within 0.01 of the exact pipeline's validation Dice: {chosen['option']}")
     return 0
 
 
@@ -198,8 +246,11 @@ def cmd_bench(args) -> int:
     from .config import get_profile
     from .pipeline import SynDiffPipeline
 
+    if args.speed_options:
+        return cmd_bench_speed_options(args)
     if args.runtime == "onnxruntime":  # one fused graph, one step: only the whole call is timed
-        from .export import OnnxPipeline, benchmark_onnx
+        from .bench import benchmark_onnx
+        from .export import OnnxPipeline
 
         if not args.checkpoint or args.random_init or args.train_step or args.steps not in (None, "1") or args.dtype != "fp32":
             raise ValueError("--runtime onnxruntime times an exported graph at one step in fp32: give --checkpoint "
@@ -221,9 +272,12 @@ def cmd_bench(args) -> int:
         from .bench import train_step_benchmark
 
         profile = get_profile(args.train_step)
+        if args.mixed_precision:
+            profile.train.mixed_precision = args.mixed_precision
         result = train_step_benchmark(profile, steps=args.repeats, warmup=args.warmup)
         print(json.dumps(result) if args.json else
-              "seconds per training step: " + ", ".join(f"{k} {v:.3f}" for k, v in result["seconds_per_step"].items()))
+              f"seconds per training step ({result['mixed_precision']}): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in result["seconds_per_step"].items()))
         return 0
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.checkpoint:
@@ -242,7 +296,7 @@ def cmd_bench(args) -> int:
     else:
         for k, v in result["latency_s"].items():
             print(f"{k:>4} step(s): {v * 1000:9.1f} ms  speedup x{result['speedup'][k]:.1f} (ceiling x{result['speedup_ceiling'][k]:.1f})")
-        print(f"parts: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in result["components"].items()))
+        print("parts: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in result["components"].items()))
         print(f"1-step overhead over the bare forwards: x{result['overhead']:.3f}")
     return 0
 
@@ -274,6 +328,51 @@ def cmd_experiment(args) -> int:
           f"{state['grid']}: {state['done']} of {state['cells']} cells done, {len(state['running'])} running, "
           f"{state['left']} left" + (f"; about {state['hours_left_estimate']} h left at one cell at a time"
                                      if state["hours_left_estimate"] is not None else ""))
+    return 0
+
+
+def cmd_generalise(args) -> int:
+    from . import generalisation
+
+    keys = args.only.split(",") if args.only else None
+    if args.action == "run":
+        if not args.data_root:
+            raise ValueError("generalise run needs --data-root DIR, the folder holding cvc-clinicdb/ and kvasir-seg/")
+        state = generalisation.run_all(args.data_root, args.out, keys, args.profile)
+    elif args.action == "status":
+        state = generalisation.status(args.out, keys)
+    else:
+        lines = generalisation.report(args.out, keys)
+        if args.json:
+            print(json.dumps(lines))
+            return 0
+        from .viz import table
+
+        def percent(line, m):
+            return f"{100 * line[m]:.1f} ± {100 * line[m + '_std']:.1f}" if m in line else "-"
+
+        scores = [ln for ln in lines if ln["kind"] == "score"]
+        print(table([[ln["experiment"], f"{ln['test']} ({ln['role']})", ln["row"], f"{ln['cells']}/{ln['of']}",
+                      percent(ln, "dice"), percent(ln, "iou"), f"{ln['hd95']:.1f}" if "hd95" in ln else "-",
+                      f"{100 * ln['nsd']:.1f}" if "nsd" in ln else "-",
+                      f"{100 * ln['drop']:+.1f} from {ln['in_domain']}" if "drop" in ln else "-"] for ln in scores],
+                    ["exp.", "test set", "row", "cells", "Dice %", "IoU %", "HD95 px", "NSD %", "drop (Dice)"]))
+        pairs = [ln for ln in lines if ln["kind"] == "pair"]
+        if pairs:
+            print(table([[ln["experiment"], ln["test"], f"{ln['key']} - {ln['against']}",
+                          f"{100 * ln['diff']:+.1f} [{100 * ln['diff_low']:+.1f}, {100 * ln['diff_high']:+.1f}]",
+                          ln["n_groups"], ln["verdict"]] for ln in pairs],
+                        ["exp.", "test set", "pair", "Δ Dice % (95% CI)", "groups resampled", "verdict"]))
+        for ln in lines:
+            if ln["kind"] == "choice":
+                print(f"experiment {ln['experiment']}, {ln['model']}: {ln['by']} chooses {ln['chosen']}"
+                      + (f", Dice {100 * ln['dice']:.1f} % on {ln['test']}" if "dice" in ln else ""))
+            elif ln["kind"] == "reported":
+                print(f"{ln['row']} ({ln['backbone']}): " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in ln["dice"].items())
+                      + f" ({ln['note']})")
+        return 0
+    print(json.dumps(state) if args.json else
+          f"{state['done']} of {state['cells']} cells done, {len(state['running'])} running, {state['left']} left")
     return 0
 
 
@@ -387,6 +486,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 # --- the parser ---------------------------------------------------------------------------
+FIT_HELP = ("stretch: squeeze each frame to the model's square, as in training; letterbox: pad it with black to a "
+            "square instead, and crop the padding off the mask")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="syndiff", description="SynDiff: single-step latent-diffusion polyp segmentation")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -402,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="syndiff", choices=["syndiff", "baseline"],
                    help="baseline: a plain pixel-space U-Net with the same data and budget")
     p.add_argument("--config", default=None, choices=["paper", "default"], help="diffusion recipe (default: the profile's)")
-    _add_data(p)
+    p.add_argument("--data", action="append", default=None,
+                   help="dataset folder (default: $SYNDIFF_DATA, else the toy dataset 'toy'); repeat it to train on "
+                        "several: each keeps its own split, ids are prefixed with the folder's name")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true",
@@ -414,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-latent", type=float, default=None, help="lambda of Eq. 6 (0: noise loss only)")
     p.add_argument("--freeze-encoder", action="store_true", help="ablation: keep E_phi frozen at E's weights")
     p.add_argument("--traditional-augment", action="store_true", help="flips + rotation (the paper's 'traditional' row)")
+    p.add_argument("--photometric-augment", action="store_true",
+                   help="beyond the paper: colour jitter, blur and JPEG artefacts on the training images")
     p.add_argument("--synthetic", action="append", help="folder of synthetic pairs added to training (repeatable)")
     p.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default=None)
     p.add_argument("--timestep-sampling", choices=["uniform", "fixed"], default=None)
@@ -433,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16", "auto"], default=None,
+                   help="auto: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, GPUs), else fp32")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="beyond the paper: EMA of the weights, scored beside the raw ones at each validation (0: off)")
     p.set_defaults(func=cmd_train)
@@ -447,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t-infer", type=timestep, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the inference noise")
     p.add_argument("--nsd-tolerance", type=float, default=None, help="NSD tolerance in pixels")
+    p.add_argument("--resolution", default="native", choices=["native", "model"],
+                   help="native: score each mask at its image's own size (the model's prediction resized back); "
+                        "model: both squeezed to the model's square input size")
+    p.add_argument("--fit", default="stretch", choices=["stretch", "letterbox"], help=FIT_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--per-image", default=None, help="also write per-image metrics to this JSONL file")
     p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
@@ -462,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
                    help="onnxruntime: the graph of `syndiff export` (--checkpoint EXPORT_DIR, or a run exported on the fly)")
+    p.add_argument("--fit", default="stretch", choices=["stretch", "letterbox"], help=FIT_HELP)
     p.add_argument("--overlay", default=None, metavar="CLIP.mp4",
                    help="with one video file or frame folder: also write the overlay clip (.mp4, or .gif)")
     p.set_defaults(func=cmd_segment)
@@ -470,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run folder (SynDiff or baseline)")
     p.add_argument("--out", required=True, help="folder for model.onnx and preprocess.json")
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic int8 quantisation)")
+    p.add_argument("--decode-downscale", type=int, choices=[1, 2, 4], default=1,
+                   help="SynDiff: the faster, approximate decoder (2 or 4; see `bench --speed-options`)")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("bench", help="latency of 1 vs T steps and of each part")
@@ -478,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=positive_int, default=None, help="with --random-init: input side")
     p.add_argument("--train-step", default=None, choices=["tiny", "cpu", "full-random"],
                    help="time training steps of SynDiff and the baseline at this profile instead (--repeats steps)")
+    p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "auto"],
+                   help="with --train-step: the training precision (default: the profile's)")
     p.add_argument("--steps", default=None, help="comma-separated step counts (default: 1,50,100; 1 with onnxruntime)")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
                    help="onnxruntime: time the exported graph of --checkpoint EXPORT_DIR_OR_RUN (one step)")
@@ -486,18 +603,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--speed-options", default=None, metavar="all|NAME,NAME",
+                   help="time and score speed options of --checkpoint on real frames (bench.SPEED_OPTIONS)")
+    p.add_argument("--data", default=None, help="with --speed-options: the run's dataset folder")
+    p.add_argument("--frames", type=positive_int, default=60, help="with --speed-options: test frames timed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
     p = verbs.add_parser("experiment", help="the paper's tables as grids of cells: run, status, report")
     p.add_argument("action", choices=["run", "status", "report"])
-    p.add_argument("grid", help="table1, table2, table3, noise or smoke (experiments.GRIDS)")
+    p.add_argument("grid", help="table1, table2, table3, noise, precision or smoke (experiments.GRIDS)")
     _add_data(p)
     p.add_argument("--out", required=True, help="grid folder: cells/<row>/fold<k>-seed<s>/, synthetic/")
     p.add_argument("--syndiff-steps", type=int, default=None, help="steps per SynDiff cell (default: GridBudget's)")
     p.add_argument("--baseline-steps", type=int, default=None, help="steps per baseline cell (default: GridBudget's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_experiment)
+
+    p = verbs.add_parser("generalise", help="train on one data set, score on another (generalisation.EXPERIMENTS)")
+    p.add_argument("action", choices=["run", "status", "report"])
+    p.add_argument("--data-root", default=None, help="folder holding the data sets (cvc-clinicdb/, kvasir-seg/)")
+    p.add_argument("--out", required=True, help="results folder: cells/<key>/seed<s>/, runs/, synthetic/")
+    p.add_argument("--only", default=None, metavar="KEY,...", help="these rows only (default: every row)")
+    p.add_argument("--profile", default=None, choices=["tiny", "cpu"], help="default: cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generalise)
 
     p = verbs.add_parser("synth", help="make synthetic polyp frames (SDXL inpainting, copy-paste or a GAN)")
     add_synth_arguments(p)

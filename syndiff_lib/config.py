@@ -139,10 +139,15 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between resumable checkpoints
     val_every: int = 200  # steps between validation passes (model selection uses validation only)
     log_every: int = 10
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate)
+    # "no" | "fp16" | "bf16" (accelerate's autocast) | "auto": bf16 where the hardware has it
+    # natively, else fp32 (train.resolve_mixed_precision); results.json records what it chose.
+    mixed_precision: str = "no"
     freeze_encoder: bool = False  # ablation: keep the image encoder at E's weights
     flip_augment: bool = True  # random horizontal/vertical flips
     rotate_augment: bool = False  # + rotation in [-20, 20] degrees: the paper's "traditional" augmentation (Table 3)
+    # Not in the paper: colour jitter, blur and JPEG artefacts on the images (augment.py), for
+    # frames from other endoscopes (Kvasir-SEG beside ClinicDB). Off until an experiment says otherwise.
+    photometric_augment: bool = False
     grad_clip: float = 1.0
     # Not in the paper: an exponential moving average of the trainable weights (diffusers'
     # EMAModel with its warm-up, decay capped here). 0 = off. When on, every validation scores

@@ -13,11 +13,31 @@ Layouts the loaders understand (folder names are matched in any case):
     clinicdb-png    images/1.png ... + masks/1.png ...        (the common CVC-ClinicDB copy)
     clinicdb-tiff   Original/1.tif ... + Ground Truth/1.tif ... (the original distribution)
     kvasir          images/*.jpg + masks/*.jpg                 (Kvasir-SEG)
-    folder          images/ + masks/, any of .png .jpg .jpeg .tif .tiff .bmp, paired by stem
+    folder          images/ + masks/, any of .png .jpg .jpeg .tif .tiff .bmp
+
+In every layout an image and its mask pair up by name, whatever their suffixes (a.jpg with
+a.png): the mask is called like its image (masks/a.png) or like it plus one of MASK_SUFFIXES
+(masks/a_mask.png, a-mask.png, a_segmentation.png). The id is the image's stem.
 
 CVC-ClinicDB frames come from 29 video sequences whose frames are near-duplicates, so the
 "pranet" and "kfold" splits keep a sequence whole wherever they are free to choose, and the
-"random" split keeps whole whatever groups it is given.
+"random" split keeps whole whatever groups it is given. Kvasir-SEG's split is its authors'
+(train.txt / val.txt, or KVASIR_TEST_IDS when a copy lacks those files).
+
+Several data sets at once: ``data`` may be a list of folders. Each keeps its own split (the
+PraNet split of ClinicDB beside the published one of Kvasir-SEG), the parts are joined
+(train = every part's train, and so on), and ids are prefixed with the folder's name
+("kvasir-seg/cju0qkwl35piu0993l0dewei2", "cvc-clinicdb/12") so that they stay unique. A list
+of one folder is that folder: no prefix.
+
+Resolution and aspect ratio. The model sees square S x S frames: ``load_dataset(size=S)``
+and ``pipeline.images_to_tensor`` stretch each frame to the square (ClinicDB's 384x288 and
+Kvasir's 1920x1072 are squeezed), which is what every model here was trained with. Scores
+and written masks are at each image's own size: the pipeline resizes its prediction back
+(``syndiff evaluate --resolution native``, the default). ``--fit letterbox`` pads a frame
+with black to a square instead (the endoscope's border is black too), so it is scaled
+without distortion, and crops the padding off the prediction; it is an option to measure,
+not the default, because the models were trained on stretched frames.
 """
 
 from __future__ import annotations
@@ -41,6 +61,9 @@ MAX_GREY_FRACTION = 0.05  # more such pixels than this -> "not a binary mask" (s
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TOY_SIZE = 64  # frames in the built-in toy dataset
 PUBLISHED_SPLIT_FILES = ("train.txt", "val.txt")  # a data set's own split (Kvasir-SEG ships these); val.txt is its test set
+# Endings a mask's stem may carry beyond its image's (compared in any case): the names other
+# data sets use (ISIC's "_segmentation", many Kaggle sets' "_mask").
+MASK_SUFFIXES = ("_mask", "-mask", "_segmentation")
 
 # The PraNet test split of CVC-ClinicDB (Fan et al., MICCAI 2020): 62 frames; the other 550 train.
 PRANET_TEST_IDS: tuple[str, ...] = (
@@ -49,6 +72,41 @@ PRANET_TEST_IDS: tuple[str, ...] = (
     "205", "240", "251", "266", "279", "287", "300", "307", "349", "353", "374", "381",
     "388", "397", "400", "404", "425", "429", "431", "442", "453", "459", "464", "474",
     "481", "483", "492", "526", "529", "545", "555", "559", "561", "569", "571", "575",
+)
+
+# Kvasir-SEG's published test split (Jha et al., MMM 2020: the 120 ids of its val.txt); the
+# other 880 frames train. Used when a copy of Kvasir-SEG lacks train.txt / val.txt.
+KVASIR_TEST_IDS: tuple[str, ...] = (
+    "cju0s690hkp960855tjuaqvv0", "cju0sr5ghl0nd08789uzf1raf", "cju0sxqiclckk08551ycbwhno", "cju0t4oil7vzk099370nun5h9",
+    "cju0tl3uz8blh0993wxvn7ly3", "cju0u2g7pmnux0801vkk47ivj", "cju0u82z3cuma0835wlxrnrjv", "cju0ue769mxii08019zqgdbxn",
+    "cju0vtox5ain6099360pu62rp", "cju13cgqmnhwn0988yrainhcp", "cju13fwthn9mq0835gacxgy01", "cju13hp5rnbjx0835bf0jowgx",
+    "cju14g8o4xui30878gkgbrvqj", "cju14hjh2ob2o0835ouz3r5aa", "cju14pxbaoksp0835qzorx6g6", "cju15czxqp3lv0835jvhgzurz",
+    "cju15jr8jz8sb0855ukmkswkz", "cju15l5ubz9yh0855b3ivdpse", "cju15mhjczc8z0801kit5c6di", "cju15ptjtppz40988odsm9azx",
+    "cju15wdt3zla10801odjiw7sy", "cju160wshltz10993i1gmqxbe", "cju16ach3m1da0993r1dq3sn2", "cju16b6ynq8e40988m8vx0xnj",
+    "cju16d65tzw9d0799ouslsw25", "cju16fpvhzypl0799p9phnlx6", "cju16jgnyzp970878melv7r25", "cju16whaj0e7n0855q7b6cjkm",
+    "cju32qr9tbvsj08013pkpjenq", "cju32srle1xfq083575i3fl75", "cju32upim1z7u0988l883nqp6", "cju32zhbnc1oy0801iyv1ix6p",
+    "cju330ofbc2l30801th5g3hw6", "cju33231uy4gi0993qc7b1jch", "cju334jzo261t0835yqudnfs1", "cju336l68y7if0993wf092166",
+    "cju3381d8bz3h07991xtl7ra0", "cju33belnbyhm0878yxl42233", "cju33eqwbcch208012jikwdky", "cju33jon3ygbj0993pu22a4k6",
+    "cju33mirdc8mj0799k33wzoes", "cju33o12x2jm50988944mxq0v", "cju33qpdvc9g0087825jhf3s9", "cju33w4sdcivk0855x879zht7",
+    "cju33x0f22peh0988g0ln7w5v", "cju7dp3dw2k4n0755zhe003ad", "cju7dqcwi2dz00850gcmr2ert", "cju7druhp2gp308715i6km7be",
+    "cju7dsrtb2f8i085064kwugfk", "cju7dtb1e2j0t0818deq51ib3", "cju7dubap2g0w0801fgl42mg9", "cju7dvl5m2n4t0755hlnnjjet",
+    "cju7dwe282dc309876rco45ts", "cju7dxffn2eam0817qxosfwch", "cju7dymur2od30755eg8yv2ht", "cju7dz5yy2i7z0801ausi7rna",
+    "cju7ea4om2l910801bohqjccy", "cju7ebe962hr409872ovibahw", "cju7ecl9i2i060987xawjp4l0", "cju7eea9b2m0z0801ynqv1fqu",
+    "cju85nr8elly209872w9n5m0s", "cju85omszllp30850b6rm9mi3", "cju85plp7lmkw0850rx42jdpf", "cju85qefyln6v0850szeb9byi",
+    "cju85rkbnlo1c08503uxcpax1", "cju87kbcen2av0987usezo8kn", "cju87li0zn3yb0817kbwgjiz8", "cju87mrypnb1e0818scv1mxxg",
+    "cju87nkyrnb970801q84m47yt", "cju87ox0kncom0801b98hqnd2", "cju87q6yoneim0871dl4phvkd", "cju87r56lnkyp0755hz30leew",
+    "cju87tyddnnad0755bj0wxahe", "cju87vqa0ndwg0850onjdz7ol", "cju87xn2snfmv0987sc3d9xnq", "cju87z6o6nh73085045bzsx6o",
+    "cju87zv8lni0o0850hbbecbq6", "cju8828oxnool0801qno9luhr", "cju884985nlmx0817vzpax3y4", "cju8ceacrsqkr0755hdz145es",
+    "cju8cgi2kspp308011nxdtjp6", "cju8chdlqsu620755azjty1tj", "cju8chxndsre008015uisl4si", "cju8cj10qsrau0871o2dr6ai1",
+    "cju8clorgsuwn08714toqb7v6", "cju8cwy02t9eq08185qn12c02", "cju8czvnztbf40871b4m7t78w", "cju8d2q30tfhs0801n7lx77xl",
+    "cju8d4jgatgpj0871q2ophhkm", "cju8dic9mtppa0987swn23wbc", "cju8djdqztu6408506pzhlo18", "cju8dk7eztzup08182yxko5zh",
+    "cju8dm2cau2km0818jsv9eeq2", "cju8dn0c3u2v50801k8rvq02f", "cju8doa16u5gh0818w1ywda3q", "cju8dpa89u6l80818dj6lldh9",
+    "cju8dqkrqu83i0818ev74qpxq", "cjyzjzssvd8pq0838f4nolj5l", "cjyzk8qieoboa0848ogj51wwm", "cjyzkmjy8evns070165gf9dmq",
+    "cjyzkpsbjdsjq07211dfi4sru", "cjyzl833ndne80838pzuq6ila", "cjyzlw7f9faqr070129au64sq", "cjyztzaqtrv430848l8xgcerw",
+    "cjyzu3reghjya0794w7pwoi50", "cjyzu9th0qt4r0a46pyl4zik0", "cjyzufihqquiw0a46jatrbwln", "cjyzuio1qgh040763k56deohv",
+    "cjyzul1qggwwj07216mhiv5sy", "cjyzurzvohqnr0794es1itzek", "cjz14qsk2wci60794un9ozwmw", "ck2395w2mb4vu07480otsu6tw",
+    "ck2bxiswtxuw80838qkisqjwz", "ck2bxknhjvs1x0794iogrq49k", "ck2bxlujamu330725szlc2jdu", "ck2bxpfgxu2mk0748gsh7xelu",
+    "ck2bxqz3evvg20794iiyv5v2m", "ck2bxskgxxzfv08386xkqtqdy", "ck2bxw18mmz1k0725litqq2mc", "ck2da7fwcjfis07218r1rvm95",
 )
 
 # (first frame, last frame) of each of ClinicDB's 29 video sequences, from its README.
@@ -239,8 +297,18 @@ def detect_layout(root) -> str:
     return _folders(root)[0]
 
 
+def _mask_owners(stem: str, image_stems) -> list[str]:
+    """The image stems a mask's stem can belong to: its own, and its own less a MASK_SUFFIXES ending."""
+    owners = [stem] if stem in image_stems else []
+    for suffix in MASK_SUFFIXES:
+        if stem.lower().endswith(suffix) and stem[: -len(suffix)] in image_stems:
+            owners.append(stem[: -len(suffix)])
+    return owners
+
+
 def _scan(root) -> tuple[str, list[tuple[str, Path, Path]], list[str]]:
-    """(layout, pairs, problems): pairs matched by stem, problems as "file: what is wrong"."""
+    """(layout, pairs, problems): pairs matched by name (see the module docstring), problems as
+    "file: what is wrong"; a mask that fits two images, or a second mask of one image, is a problem."""
     root = Path(root)
     layout, image_dir, mask_dir = _folders(root)
     problems, by_stem = [], []
@@ -255,15 +323,31 @@ def _scan(root) -> tuple[str, list[tuple[str, Path, Path]], list[str]]:
             problems.append(f"{folder.relative_to(root)}/: empty folder (no {' '.join(IMAGE_SUFFIXES)} files)")
         by_stem.append(files)
     images, masks = by_stem
-    for stem in images.keys() - masks.keys():
+    mask_of, disputed = {}, set()  # image stem -> its mask file; images a mask fits ambiguously
+    for stem, path in masks.items():
+        owners = _mask_owners(stem, images)
+        name = path.relative_to(root)
+        if len(owners) > 1:
+            problems.append(f"{name}: ambiguous, it could be the mask of {' or '.join(images[o].name for o in owners)}; "
+                            "rename it")
+            disputed.update(owners)
+        elif not owners:
+            problems.append(f"{name}: mask without an image in {image_dir.name}/")
+        elif owners[0] in mask_of:
+            problems.append(f"{name}: a second mask for {images[owners[0]].name} (beside {mask_of[owners[0]].name}); "
+                            "keep one")
+        else:
+            mask_of[owners[0]] = path
+    for stem in images.keys() - mask_of.keys() - disputed:
         problems.append(f"{images[stem].relative_to(root)}: image without a mask in {mask_dir.name}/")
-    for stem in masks.keys() - images.keys():
-        problems.append(f"{masks[stem].relative_to(root)}: mask without an image in {image_dir.name}/")
-    ids = sorted(images.keys() & masks.keys(), key=natural_key)
-    return layout, [(i, images[i], masks[i]) for i in ids], sorted(problems, key=natural_key)
+    ids = sorted(mask_of, key=natural_key)
+    return layout, [(i, images[i], mask_of[i]) for i in ids], sorted(problems, key=natural_key)
 
 
 def _raise_problems(root, problems: list[str]) -> None:
+    """One DataError: one line for one problem, else a count and one line per problem."""
+    if len(problems) == 1:
+        raise DataError(f"dataset {root}: {problems[0]}")
     if problems:
         listing = "\n".join(f"  {p}" for p in problems)
         raise DataError(f"dataset {root} has {len(problems)} problem(s):\n{listing}")
@@ -272,7 +356,8 @@ def _raise_problems(root, problems: list[str]) -> None:
 def find_pairs(root) -> list[tuple[str, Path, Path]]:
     """List (id, image_path, mask_path), sorted naturally by id (1, 2, ..., 10) (notebook 01).
 
-    Raises one DataError for every image without a mask and mask without an image.
+    Raises one DataError for every image without a mask, mask without an image, mask that
+    could belong to two images, and second mask of one image.
     """
     _, pairs, problems = _scan(root)
     _raise_problems(root, problems)
@@ -381,7 +466,25 @@ def load_dataset(root, size: int | None = None, ids=None, check: bool = True) ->
     ids: load only these ids (DataError if one is not there).
     check: run check_dataset first, so every problem is reported before any work starts.
     The toy set is the default make_toy_dataset(n=64, seed=0) drawn at size (default 128).
+    A list of several folders loads each in turn, ids prefixed with its name (dataset_ids).
     """
+    datasets = as_datasets(root)
+    if len(datasets) > 1:
+        named = _named(datasets)
+        unknown = [i for i in map(str, ids or ()) if "/" not in i or i.split("/", 1)[0] not in named]
+        if unknown:
+            raise DataError(f"ids not found in {', '.join(named)}: {', '.join(unknown[:20])} (ids of several data "
+                            "sets start with the data set's name, e.g. kvasir-seg/cju0qkwl35piu0993l0dewei2)")
+        samples = []
+        for name, part in named.items():
+            wanted = None if ids is None else _unprefixed(ids, name)
+            if wanted == []:
+                continue  # none of this data set's frames asked for
+            for sample in load_dataset(part, size, wanted, check):
+                sample.id = f"{name}/{sample.id}"
+                samples.append(sample)
+        return samples
+    root = datasets[0]
     if root is None or str(root) == "toy":
         toy = {sample.id: sample for sample in make_toy_dataset(size=size or 128)}
         return [toy[i] for i in _pick(ids, toy, "toy")]
@@ -630,22 +733,62 @@ def is_toy(data) -> bool:
     return data is None or str(data) == "toy"
 
 
+def as_datasets(data) -> list:
+    """``data`` as a list of data sets: a list or tuple as it is, anything else (one folder,
+    "toy", None) as a list of one."""
+    datasets = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not datasets:
+        raise ValueError("no data set given")
+    return datasets
+
+
+def dataset_name(data) -> str:
+    """The name that prefixes a data set's ids among several: its folder's name, or "toy"."""
+    return "toy" if is_toy(data) else Path(data).resolve().name
+
+
+def _named(datasets: list) -> dict:
+    """{name: data set} for several data sets; a ValueError when two have one name."""
+    named = {}
+    for data in datasets:
+        name = dataset_name(data)
+        if name in named:
+            raise ValueError(f"two data sets are called {name!r} ({named[name]} and {data}); ids are prefixed with "
+                             "the folder's name, so each needs a folder of its own name")
+        named[name] = data
+    return named
+
+
+def _unprefixed(ids, name: str) -> list[str]:
+    """The ids of data set ``name`` among prefixed ids ("name/id"), without the prefix."""
+    return [i[len(name) + 1:] for i in map(str, ids) if i.startswith(f"{name}/")]
+
+
 def published_split(root) -> tuple[list[str], list[str]] | None:
-    """A data set's own (train ids, test ids) from ROOT/train.txt and ROOT/val.txt, or None.
+    """A data set's own (train ids, test ids), or None: from ROOT/train.txt and ROOT/val.txt,
+    else, for a Kvasir-SEG copy without them (JPEG layout, holding all of KVASIR_TEST_IDS),
+    the embedded KVASIR_TEST_IDS against every other frame.
 
     Kvasir-SEG's authors published such a split (880 / 120); its ``val.txt`` is the held-out
     test set by convention, so our validation frames are carved from ``train.txt``.
     """
-    if is_toy(root) or not all((Path(root) / name).is_file() for name in PUBLISHED_SPLIT_FILES):
+    if is_toy(root):
         return None
-    train, test = ([line.strip() for line in (Path(root) / name).read_text().splitlines() if line.strip()]
-                   for name in PUBLISHED_SPLIT_FILES)
-    return train, test
+    root = Path(root)
+    if all((root / name).is_file() for name in PUBLISHED_SPLIT_FILES):
+        train, test = ([line.strip() for line in (root / name).read_text().splitlines() if line.strip()]
+                       for name in PUBLISHED_SPLIT_FILES)
+        return train, test
+    if root.is_dir() and detect_layout(root) == "kvasir":
+        ids = dataset_ids(root)
+        if set(KVASIR_TEST_IDS) <= set(ids):
+            return [i for i in ids if i not in KVASIR_TEST_IDS], list(KVASIR_TEST_IDS)
+    return None
 
 
 def default_scheme(data) -> str:
     """The split a data set gets unless told otherwise (notebook 01): "pranet" for CVC-ClinicDB,
-    "published" for a folder with its own train.txt / val.txt (Kvasir-SEG), "random" for
+    "published" for a folder with its own train.txt / val.txt, or for Kvasir-SEG, "random" for
     anything else, the toy set included. Also accepts a layout name."""
     if is_toy(data) or str(data) in ("kvasir", "folder"):
         return "random"
@@ -657,10 +800,14 @@ def default_scheme(data) -> str:
 
 
 def dataset_ids(data) -> list[str]:
-    """The ids of a data set, sorted naturally, without reading any pixels."""
-    if is_toy(data):
+    """The ids of a data set, sorted naturally, without reading any pixels; for several data
+    sets, each one's ids prefixed with its name ("kvasir-seg/cju0qkwl35piu0993l0dewei2")."""
+    datasets = as_datasets(data)
+    if len(datasets) > 1:
+        return [f"{name}/{i}" for name, part in _named(datasets).items() for i in dataset_ids(part)]
+    if is_toy(datasets[0]):
         return [f"toy_{i:03d}" for i in range(TOY_SIZE)]
-    return [id_ for id_, _, _ in find_pairs(data)]
+    return [id_ for id_, _, _ in find_pairs(datasets[0])]
 
 
 def build_split(data, *, scheme: str | None = None, fold: int | None = None, folds: int = 5, seed: int = 0,
@@ -672,7 +819,20 @@ def build_split(data, *, scheme: str | None = None, fold: int | None = None, fol
     "published": the data set's own train.txt / val.txt (test = val.txt; val carved from train).
     "all": every frame is test (cross-dataset testing; nothing to train on).
     The others are :func:`make_split`'s. Returns make_split's dict plus "data" (the folder or "toy").
+
+    ``data`` a list of several folders: each is split on its own with these options (its own
+    default scheme), and the parts are joined with prefixed ids; "data" is then the list,
+    "scheme" the parts' schemes ("pranet+published"), and "parts" holds each part's own split
+    (unprefixed ids) with its "name".
     """
+    datasets = as_datasets(data)
+    if len(datasets) > 1:
+        parts = [build_split(part, scheme=scheme, fold=fold, folds=folds, seed=seed, val_fraction=val_fraction)
+                 | {"name": name} for name, part in _named(datasets).items()]
+        joined = {key: [f"{part['name']}/{i}" for part in parts for i in part[key]] for key in ("train", "val", "test")}
+        return {"scheme": "+".join(dict.fromkeys(part["scheme"] for part in parts)), "seed": seed, "fold": fold,
+                "folds": folds, **joined, "data": [part["data"] for part in parts], "parts": parts}
+    data = datasets[0]
     if fold is not None:
         if scheme not in (None, "kfold"):
             raise ValueError(f"a fold is a part of the 'kfold' split, not of {scheme!r}")
@@ -688,7 +848,8 @@ def build_split(data, *, scheme: str | None = None, fold: int | None = None, fol
     elif scheme == "published":
         listed = published_split(data)
         if listed is None:
-            raise ValueError(f"{data}: the 'published' split needs {' and '.join(PUBLISHED_SPLIT_FILES)} in the folder")
+            raise ValueError(f"{data}: the 'published' split needs {' and '.join(PUBLISHED_SPLIT_FILES)} in the folder "
+                             "(or a Kvasir-SEG copy)")
         train, test = listed
         unknown = sorted(set(train + test) - set(ids), key=natural_key)
         if unknown:
@@ -703,10 +864,23 @@ def build_split(data, *, scheme: str | None = None, fold: int | None = None, fol
 
 
 def same_data(a, b) -> bool:
-    """True when two ``data`` values name the same data set (the toy set, or one folder)."""
+    """True when two ``data`` values name the same data set (the toy set, or one folder), or
+    the same several data sets in any order."""
+    a, b = as_datasets(a), as_datasets(b)
+    if len(a) > 1 or len(b) > 1:
+        return len(a) == len(b) and all(any(same_data(x, y) for y in b) for x in a)
+    a, b = a[0], b[0]
     if is_toy(a) or is_toy(b):
         return is_toy(a) and is_toy(b)
     return Path(a).resolve() == Path(b).resolve()
+
+
+def split_part(split: dict, data) -> dict | None:
+    """The split of ``data`` inside ``split``: ``split`` itself when it is of ``data``; the part
+    of ``data`` (its own, unprefixed ids) when ``split`` joins several data sets; else None."""
+    if same_data(split.get("data"), data):
+        return split
+    return next((part for part in split.get("parts", []) if same_data(part["data"], data)), None)
 
 
 def save_split(split: dict, path) -> Path:

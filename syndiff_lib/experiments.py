@@ -65,13 +65,19 @@ SMOKE = [  # two rows for CI: the machinery (resume, lock, report), never a resu
     {"row": "+ synthetic", "key": "smoke_text", "train": ablations.NO_FLIPS, "synthetic": 100},
 ]
 # Does bf16 autocast training cost Dice? The same cells as the noise grid's, trained in bf16.
-PRECISION = [
-    TABLE1[0],
+def relabel(row: dict, **labels) -> dict:
+    """A row of another table in this one: the same model, its paper numbers dropped (they are
+    another table's), with new labels such as the row it is compared with ("against")."""
+    return {k: v for k, v in row.items() if k != "paper"} | labels
+
+
+PRECISION = [  # each bf16 row is compared with its own fp32 row ("against")
+    relabel(TABLE1[0]),
     {"row": "SynDiff, trained with bf16 autocast", "key": "syndiff_bf16", "synthetic": 100,
-     "train": {"mixed_precision": "bf16"}},
-    TABLE1[2],
+     "train": {"mixed_precision": "bf16"}, "against": "syndiff"},
+    relabel(TABLE1[2], against="baseline"),
     {"row": "Pixel U-Net, trained with bf16 autocast", "key": "baseline_bf16", "model_kind": "baseline",
-     "synthetic": 100, "train": {"mixed_precision": "bf16"}},
+     "synthetic": 100, "train": {"mixed_precision": "bf16"}, "against": "baseline"},
 ]
 GRIDS = {
     "table1": {"rows": TABLE1, "reference": "syndiff"},
@@ -211,12 +217,15 @@ def make_backend(backend: str, frames, split: dict, folder: Path, seed: int, gan
                      "make an SDXL set with `syndiff synth --backend sdxl` and pass it as a folder")
 
 
-def synthetic_folder(out: Path, data, fold: int, seed: int, count: int, backend: str = "copy-paste") -> Path:
+def synthetic_folder(out: Path, data, fold: int | None, seed: int, count: int, backend: str = "copy-paste") -> Path:
     """The fold's synthetic set of ``count`` samples, made (once, then reused) from the fold's
-    training frames only, by sample index: the first k samples of a set are a k-sample set."""
+    training frames only, by sample index: the first k samples of a set are a k-sample set.
+    ``fold`` None: the data's own split (PraNet's, Kvasir-SEG's published one), and the set is
+    named after the data, as the cross-dataset runs (generalisation.py) train on several."""
     from .synthesis import synthesize, training_frames, write_manifest
 
-    full = Path(out) / "synthetic" / f"{backend}-fold{fold}-seed{seed}"
+    where = f"fold{fold}" if fold is not None else "+".join(map(data_lib.dataset_name, data_lib.as_datasets(data)))
+    full = Path(out) / "synthetic" / f"{backend}-{where}-seed{seed}"
     subset = full.with_name(full.name + f"-n{count}")
     while not subset.exists():
         if not take_cell(full):  # another process is making this fold's set: wait for it
@@ -362,8 +371,9 @@ def paired_bootstrap(diff: np.ndarray, groups: np.ndarray, n_boot: int = 10_000,
 
 def report(name: str, out, metric: str = "dice") -> list[dict]:
     """One line per row: mean ± std over folds of each metric, and, against the grid's
-    reference row, the paired difference in ``metric`` over all out-of-fold frames with a
-    95 % bootstrap interval over video sequences. Rows not complete are reported as such."""
+    reference row (or the row a row names as "against"), the paired difference in ``metric``
+    over all out-of-fold frames with a 95 % bootstrap interval over video sequences. Rows not
+    complete are reported as such."""
     from .metrics import METRIC_NAMES, summarize_folds
 
     spec, cells = grid_spec(name), load_cells(name, out)
@@ -378,13 +388,15 @@ def report(name: str, out, metric: str = "dice") -> list[dict]:
                 values.setdefault(row["id"], []).append(row[metric])
         return {k: float(np.mean(v)) for k, v in values.items()}
 
-    reference = per_image(by_row.get((spec["reference"], 1), []))
     expected = len(spec["folds"]) * len(spec["seeds"])
     lines = []
     for row in spec["rows"]:
         key, steps = row_key(row), row.get("steps", 1)
+        against = row.get("against", spec["reference"])
+        reference = per_image(by_row.get((against, 1), []))
         records = by_row.get((key, steps), [])
-        line = {"row": row["row"], "key": key, "paper": row.get("paper"), "cells": len(records), "of": expected}
+        line = {"row": row["row"], "key": key, "paper": row.get("paper"), "cells": len(records), "of": expected,
+                "against": against}
         if key is None:
             line["note"] = "not run"
         if records:
@@ -393,7 +405,7 @@ def report(name: str, out, metric: str = "dice") -> list[dict]:
             line |= {m: float(np.mean([f[m] for f in folds])) for m in METRIC_NAMES}
             line |= {f"{m}_std": float(np.std([f[m] for f in folds])) for m in METRIC_NAMES}
             line["n_folds"] = len(folds)
-        if records and len(records) == expected and reference and (key, steps) != (spec["reference"], 1):
+        if records and len(records) == expected and reference and (key, steps) != (against, 1):
             ours = per_image(records)
             ids = sorted(set(ours) & set(reference), key=data_lib.natural_key)
             diff = np.array([ours[i] - reference[i] for i in ids])

@@ -32,7 +32,7 @@ import torch
 from .autoencoder import decode_mask
 from .diffusion import single_step
 from .metrics import dice_score
-from .pipeline import BaselinePipeline, images_to_tensor, load_pipeline, soft_maps_to_output
+from .pipeline import BaselinePipeline, Speed, images_to_tensor, load_pipeline, soft_maps_to_output
 
 GRAPH_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
@@ -55,7 +55,7 @@ class SingleStepGraph(torch.nn.Module):
         image_latent = self.image_encoder(pixels)  # [B, 4, h, w]
         # The library's own single step and decoder: the graph is this code traced, not a copy of it.
         mask_latent = single_step(self.unet, self.pipe.scheduler, cfg, image_latent, cfg.t_infer, noise=noise)
-        soft = decode_mask(self.vae, mask_latent)  # [B, 1, S, S]
+        soft = decode_mask(self.vae, mask_latent, self.pipe.speed.decode_downscale)  # [B, 1, S, S]
         return soft, soft > self.threshold
 
 
@@ -71,13 +71,18 @@ class BaselineGraph(torch.nn.Module):
         return soft, soft > self.threshold
 
 
-def export_onnx(checkpoint, out_dir, int8: bool = False, threshold: float = 0.5) -> dict:
+def export_onnx(checkpoint, out_dir, int8: bool = False, threshold: float = 0.5, decode_downscale: int = 1) -> dict:
     """Write DIR/model.onnx (and model.int8.onnx with ``int8``) and DIR/preprocess.json for a
     run folder, SynDiff or baseline, on the CPU in float32. Returns the preprocess record.
-    Taught in notebook 07 (efficiency)."""
+    ``decode_downscale`` 2 or 4 exports SynDiff with the faster, approximate D
+    (pipeline.Speed). Taught in notebook 07 (efficiency)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(checkpoint, device="cpu", dtype=torch.float32)
+    if decode_downscale != 1:
+        if isinstance(pipe, BaselinePipeline):
+            raise ValueError("--decode-downscale applies to SynDiff runs only: the baseline has no decoder")
+        pipe.set_speed(Speed(decode_downscale=decode_downscale))
     size = pipe.profile.train.image_size
     pixels = torch.zeros(2, 3, size, size)  # a batch of 2, so nothing is traced as batch 1
     if isinstance(pipe, BaselinePipeline):
@@ -112,7 +117,7 @@ def export_onnx(checkpoint, out_dir, int8: bool = False, threshold: float = 0.5)
     if record["model"] == "syndiff":
         cfg = pipe.profile.diffusion
         record["inputs"]["noise"] = f"float32 [B, {', '.join(map(str, latent_shape))}]"
-        record.update(t_infer=cfg.t_infer, prediction_type=cfg.prediction_type, noise={
+        record.update(t_infer=cfg.t_infer, prediction_type=cfg.prediction_type, decode_downscale=decode_downscale, noise={
             "is_input": True, "shape": ["B", *latent_shape], "distribution": "N(0, I)",
             "draw": "torch.randn([b, *shape[1:]], generator=generator) per batch of b frames, "
                     "one generator = torch.Generator().manual_seed(seed) for the whole call (as SynDiffPipeline)"})
@@ -238,19 +243,3 @@ def load_segmenter(path, runtime: str = "torch", device: str = "cpu"):
     if runtime == "torch":
         return load_pipeline(path, device=device)
     raise ValueError(f"--runtime must be torch or onnxruntime, got {runtime!r}")
-
-
-def benchmark_onnx(pipe: OnnxPipeline, batch_size: int = 1, warmup: int = 2, repeats: int = 5, seed: int = 0) -> dict:
-    """Median seconds of one graph call on random preprocessed input (the parts are fused in
-    one graph, so only the whole is timed). Taught in notebook 07 (efficiency)."""
-    from .bench import _timer
-
-    generator = torch.Generator().manual_seed(seed)
-    size = pipe.image_size
-    feeds = {"pixels": (torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1).numpy()}
-    if pipe.record["model"] == "syndiff":
-        feeds["noise"] = torch.randn([batch_size, *pipe.record["noise"]["shape"][1:]], generator=generator).numpy()
-    seconds = _timer(torch.device("cpu"), lambda: pipe.session.run(None, feeds), warmup, repeats)
-    return {"runtime": "onnxruntime", "providers": pipe.session.get_providers(), "model": pipe.record["model"],
-            "batch": batch_size, "image_size": size, "latency_s": {"1": seconds},
-            "latency_per_image_s": {"1": seconds / batch_size}, "threads": torch.get_num_threads()}

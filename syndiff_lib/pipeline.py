@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from .autoencoder import ImageEncoder, build_autoencoder, decode_mask
+from .autoencoder import DECODE_DOWNSCALES, ImageEncoder, build_autoencoder, decode_mask
 from .config import Profile
 from .diffusion import make_scheduler, multi_step, single_step
 from .metrics import DEFAULT_NSD_TOLERANCE_PX, segmentation_metrics, summarize
@@ -56,6 +56,36 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         tensors.append(x)
     return torch.cat(tensors)  # [B, 3, size, size]
+
+
+FITS = ("stretch", "letterbox")  # how a frame becomes the model's square (data.py's docstring says why stretch)
+
+
+def letterbox(images) -> tuple[list[np.ndarray], list[tuple[int, int, int, int]]]:
+    """Pad each uint8 [H, W, 3] frame with black to [L, L, 3], L = max(H, W), the frame in the
+    middle, so that images_to_tensor scales it without distortion; black, as the endoscope's own
+    border is. Returns (squares, boxes): box = (top, left, H, W) of the frame in its square."""
+    squares, boxes = [], []
+    for image in images:
+        h, w = image.shape[:2]
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        square = np.zeros((side, side, 3), np.uint8)  # [L, L, 3]
+        square[top:top + h, left:left + w] = image
+        squares.append(square)
+        boxes.append((top, left, h, w))
+    return squares, boxes
+
+
+def unletterbox(masks, boxes) -> list[np.ndarray]:
+    """Crop the padding off predictions made on letterbox's squares: [L, L] -> each frame's [H, W]."""
+    return [np.asarray(m)[top:top + h, left:left + w] for m, (top, left, h, w) in zip(masks, boxes)]
+
+
+def check_fit(fit: str) -> None:
+    """Refuse a ``fit`` that is not one of FITS, before any work."""
+    if fit not in FITS:
+        raise ValueError(f"fit (--fit) must be one of {', '.join(FITS)}, got {fit!r}")
 
 
 class WeightsError(ValueError):
@@ -111,13 +141,51 @@ def soft_maps_to_output(images, soft: torch.Tensor, output_size: str, threshold:
     return SynDiffOutput(masks=[m > threshold for m in maps], soft_masks=maps)
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How a trained pipeline runs, not what it learned: options that trade exactness for time.
+
+    bf16:             bfloat16 autocast (fast on CPUs with AVX512-BF16 or AMX, and on GPUs)
+    channels_last:    NHWC memory layout, which oneDNN's convolutions prefer on CPUs
+    decode_downscale: 2 or 4 runs D's full-resolution blocks at H/2 or H/4 and upsamples the
+                      soft mask (autoencoder.decode_mask); 1 is the exact D
+    The default is the exact pipeline; notebook 07 measures what each option costs in Dice.
+    """
+
+    bf16: bool = False
+    channels_last: bool = False
+    decode_downscale: int = 1
+
+    def __post_init__(self):
+        if self.decode_downscale not in DECODE_DOWNSCALES:
+            raise ValueError(f"decode_downscale must be one of {DECODE_DOWNSCALES}, got {self.decode_downscale!r}")
+
+    def describe(self) -> str:
+        parts = ["bf16" if self.bf16 else "fp32"] + ["channels-last"] * self.channels_last
+        return " + ".join(parts + ([f"decode/{self.decode_downscale}"] if self.decode_downscale > 1 else []))
+
+
 class SynDiffPipeline:
     """The trained segmenter: frozen VAE (E, D), trainable image encoder E_phi, U-Net, schedule."""
 
-    def __init__(self, vae: AutoencoderKL, image_encoder: ImageEncoder, unet, scheduler: DDPMScheduler, profile: Profile):
+    def __init__(self, vae: AutoencoderKL, image_encoder: ImageEncoder, unet, scheduler: DDPMScheduler, profile: Profile,
+                 speed: Speed = Speed()):
         self.vae, self.image_encoder, self.unet, self.scheduler, self.profile = vae, image_encoder, unet, scheduler, profile
         for model in (vae, image_encoder, unet):
             model.eval()
+        self.set_speed(speed)
+
+    def set_speed(self, speed: Speed) -> "SynDiffPipeline":
+        """Run with other :class:`Speed` options (the weights stay as they are)."""
+        self.speed = speed
+        layout = torch.channels_last if speed.channels_last else torch.contiguous_format
+        for model in (self.vae, self.image_encoder, self.unet):
+            model.to(memory_format=layout)
+        return self
+
+    def autocast(self):
+        """The precision context of one call: bf16 autocast when ``speed.bf16``, else none."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.speed.bf16)
 
     @property
     def device(self) -> torch.device:
@@ -184,7 +252,8 @@ class SynDiffPipeline:
     # --- the three stages, each one call (bench times them one by one) -----------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """z_c = E_phi(C): [B, 3, H, W] in [-1, 1] -> [B, 4, h, w]."""
-        return self.image_encoder(pixels.to(self.device, self.dtype))
+        layout = torch.channels_last if self.speed.channels_last else torch.contiguous_format
+        return self.image_encoder(pixels.to(self.device, self.dtype).contiguous(memory_format=layout))
 
     def denoise(self, image_latent, num_inference_steps: int = 1, t_infer: int | None = None, generator=None):
         """z~_0 from z_c: one U-Net call at t_infer (default: the recipe's), or DDIM with T steps."""
@@ -195,8 +264,8 @@ class SynDiffPipeline:
         return multi_step(self.unet, self.scheduler, cfg, image_latent, num_inference_steps, generator)
 
     def decode(self, mask_latent) -> torch.Tensor:
-        """Soft mask [B, 1, H, W] in [0, 1] from z~_0."""
-        return decode_mask(self.vae, mask_latent)
+        """Soft mask [B, 1, H, W] in [0, 1] from z~_0 (with ``speed.decode_downscale``'s D)."""
+        return decode_mask(self.vae, mask_latent, self.speed.decode_downscale)
 
     @torch.no_grad()
     def __call__(
@@ -226,9 +295,10 @@ class SynDiffPipeline:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             pixels = images_to_tensor(chunk, size)  # [b, 3, S, S]
-            image_latent = self.encode_images(pixels)  # [b, 4, S/8, S/8]
-            mask_latent = self.denoise(image_latent, num_inference_steps, t_infer, generator)
-            soft_maps.append(self.decode(mask_latent).float().cpu())  # [b, 1, S, S]
+            with self.autocast():
+                image_latent = self.encode_images(pixels)  # [b, 4, S/8, S/8]
+                mask_latent = self.denoise(image_latent, num_inference_steps, t_infer, generator)
+                soft_maps.append(self.decode(mask_latent).float().cpu())  # [b, 1, S, S]
         return soft_maps_to_output(images, torch.cat(soft_maps), output_size, threshold)
 
 
@@ -295,10 +365,11 @@ def segment(pipe, images, num_inference_steps: int = 1, t_infer: int | None = No
 
 
 def segment_files(pipe, files, out_dir: Path, num_inference_steps: int = 1, t_infer: int | None = None, seed: int = 0,
-                  batch_size: int = 16) -> int:
+                  batch_size: int = 16, fit: str = "stretch") -> int:
     """Segment image files into ``out_dir/<stem>.png`` (0/255 masks at each image's size),
     batch by batch: read a batch, segment it, write it, so memory stays that of one batch
-    however many files there are. Returns the number of masks written.
+    however many files there are. Returns the number of masks written. ``fit``: "stretch"
+    (each frame squeezed to the model's square, as in training) or "letterbox" (:func:`letterbox`).
 
     The caller has checked the files (data.files_to_segment: readable, distinct mask names).
     One noise generator runs through all batches, so the masks are those of one call on all
@@ -309,16 +380,20 @@ def segment_files(pipe, files, out_dir: Path, num_inference_steps: int = 1, t_in
     from .data import read_image
 
     check_segment_options(pipe, num_inference_steps, t_infer)
+    check_fit(fit)
     generator = torch.Generator().manual_seed(seed)
     written = 0
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        images = [read_image(f) for f in chunk]
+        images, boxes = [read_image(f) for f in chunk], None
+        if fit == "letterbox":
+            images, boxes = letterbox(images)
         if isinstance(pipe, BaselinePipeline):
             out = pipe(images, batch_size=batch_size)
         else:
             out = pipe(images, num_inference_steps, t_infer, generator, batch_size=batch_size)
-        for f, mask in zip(chunk, out.masks):
+        masks = out.masks if boxes is None else unletterbox(out.masks, boxes)  # [H, W] each, its image's size
+        for f, mask in zip(chunk, masks):
             target = out_dir / f"{Path(f).stem}.png"
             try:
                 Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).save(target)
@@ -337,16 +412,29 @@ def evaluate(
     t_infer: int | None = None,
     seed: int = 0,
     nsd_tolerance_px: float | None = None,
+    fit: str = "stretch",
 ) -> tuple[dict, dict]:
-    """Dice, IoU, HD95 and NSD of ``pipe`` (SynDiff or baseline) on ``samples`` (at the samples' resolution).
+    """Dice, IoU, HD95 and NSD of ``pipe`` (SynDiff or baseline) on ``samples``, at the samples'
+    resolution: each prediction is resized to its sample's size, which may differ from sample
+    to sample (Kvasir-SEG at native resolution). ``fit``: as in :func:`segment_files`.
 
     Returns (summary, per_image): summary has the means, *_std and n (see metrics.summarize).
     """
-    out = segment(pipe, [s.image for s in samples], num_inference_steps, t_infer, seed, output_size="input")
-    preds = np.stack(out.masks)  # [N, H, W]
-    targets = np.stack([s.mask for s in samples])  # [N, H, W]
+    check_fit(fit)
+    images, boxes = [s.image for s in samples], None
+    if fit == "letterbox":
+        images, boxes = letterbox(images)
+    out = segment(pipe, images, num_inference_steps, t_infer, seed, output_size="input")
+    preds = list(out.masks) if boxes is None else unletterbox(out.masks, boxes)  # [H, W] each
+    targets = [s.mask for s in samples]  # [H, W] each
     tolerance = DEFAULT_NSD_TOLERANCE_PX if nsd_tolerance_px is None else nsd_tolerance_px
-    per_image = segmentation_metrics(preds, targets, nsd_tolerance_px=tolerance)
+    per_image = {}
+    for shape in dict.fromkeys(t.shape for t in targets):  # one call per image size: metrics take [N, H, W]
+        at = [i for i, t in enumerate(targets) if t.shape == shape]
+        scores = segmentation_metrics(np.stack([preds[i] for i in at]), np.stack([targets[i] for i in at]),
+                                      nsd_tolerance_px=tolerance)
+        for name, values in scores.items():
+            per_image.setdefault(name, np.empty(len(samples), values.dtype))[at] = values
     per_image["id"] = np.array([s.id for s in samples])
     summary = summarize({k: v for k, v in per_image.items() if k != "id"})
     summary.update(nsd_tolerance_px=tolerance, seed=seed)

@@ -101,9 +101,10 @@ def check_synthetic_source(folder, split: dict) -> None:
     if not source.exists():
         return
     theirs = data_lib.load_split(source)
-    if not data_lib.same_data(theirs.get("data"), split["data"]):
+    ours = data_lib.split_part(split, theirs.get("data"))  # this run's split of the data they came from
+    if ours is None:
         return
-    leaked = sorted(set(theirs["train"]) - set(split["train"]), key=data_lib.natural_key)
+    leaked = sorted(set(theirs["train"]) - set(ours["train"]), key=data_lib.natural_key)
     if leaked:
         raise ValueError(f"{folder} was made from {len(leaked)} frames that this run holds out (e.g. {', '.join(leaked[:5])}); "
                          f"make it with `syndiff synth` on this split (--fold {split.get('fold')} --split-seed {split.get('seed')})")
@@ -113,7 +114,8 @@ def prepare_data(data, image_size: int, seed: int = 0, fold: int | None = None, 
     """Load + check the data and split it. Returns (train_samples, val_samples, split dict).
 
     ``data`` is a folder (CVC-ClinicDB, Kvasir-SEG or image/mask pairs) or None/"toy" for
-    the built-in toy dataset. Synthetic folders are added to the training split only, after
+    the built-in toy dataset, or a list of folders: each keeps its own split and the parts
+    are joined, ids prefixed with the folder's name (data.build_split). Synthetic folders are added to the training split only, after
     :func:`check_synthetic_source` has made sure they were made from this split's training frames.
     """
     split = data_lib.build_split(data, fold=fold, folds=folds, seed=seed)
@@ -133,10 +135,11 @@ def prepare_data(data, image_size: int, seed: int = 0, fold: int | None = None, 
     return train_samples, val_samples, split
 
 
-def random_batch(images, masks, batch_size: int, generator: torch.Generator, flip: bool, rotate: bool = False):
+def random_batch(images, masks, batch_size: int, generator: torch.Generator, flip: bool, rotate: bool = False,
+                 photometric: bool = False):
     """A random batch [B, 3, S, S], [B, 1, S, S], augmented as the config asks (augment.py)."""
     idx = torch.randint(len(images), (batch_size,), generator=generator)
-    return augment_batch(images[idx], masks[idx], generator, flip=flip, rotate=rotate)
+    return augment_batch(images[idx], masks[idx], generator, flip=flip, rotate=rotate, photometric=photometric)
 
 
 def progress_bar(total: int, desc: str, initial: int = 0, show: bool = True) -> tqdm:
@@ -204,10 +207,17 @@ def finished_run(run_dir, split: dict, config: dict | None = None) -> dict | Non
     if any(theirs[k] != split[k] for k in ("train", "val", "test")):
         raise ValueError(f"{run_dir} holds a run on another data split; move it away or train again")
     config = None if config is None else json.loads(json.dumps(config))  # tuples -> lists, as results.json has them
-    if config is not None and results["config"] != config:
-        raise ValueError(f"{run_dir} holds a run of another configuration (differs in {', '.join(config_differences(config, results['config'])) or 'its name'}); "
+    if config is not None and (saved := as_written_now(results["config"])) != config:
+        raise ValueError(f"{run_dir} holds a run of another configuration (differs in {', '.join(config_differences(config, saved)) or 'its name'}); "
                          "move it away or train again")
     return results
+
+
+def as_written_now(config: dict) -> dict:
+    """A saved profile dict as this version of the code writes it: a field added to the config
+    since the run was saved appears at its default, and a new field's default does what the
+    older code did, so a run started before the field existed resumes and is reused."""
+    return json.loads(json.dumps(Profile.from_dict(config).to_dict()))
 
 
 def config_differences(ours: dict, theirs: dict) -> list[str]:
@@ -249,6 +259,26 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX; Linux's /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """The precision a run trains in. "auto": bf16 autocast where the hardware has it (a GPU
+    that supports bf16, or a CPU with AVX512-BF16 or AMX), else "no" (fp32): emulated bf16
+    is slower than fp32. Any other setting is kept as it is."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_bf16() else "no"
 
 
 def code_version() -> str:
@@ -315,7 +345,7 @@ def open_run_dir(run_dir: Path, profile: Profile, split: dict, resume: bool, ove
     if checkpoint is None or not (run_dir / "profile.json").exists():
         raise TrainingError(f"{run_dir} holds no checkpoint to resume (a run is resumable from its first checkpoint "
                             "on); start it again with --overwrite, or train into a new folder")
-    saved = json.loads((run_dir / "profile.json").read_text())
+    saved = as_written_now(json.loads((run_dir / "profile.json").read_text()))
     now = json.loads(json.dumps(profile.to_dict()))
     if saved != now:
         raise TrainingError(f"{run_dir} was started with another configuration (differs in "
@@ -527,7 +557,8 @@ def fit(trainee: Trainee, profile: Profile, run_dir: Path, accelerator: Accelera
                       f"{max_steps}: this is not the model the profile defines (results.json: \"complete\": false); "
                       "--resume continues it")
             break
-        pixels, mask = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment, tcfg.rotate_augment)
+        pixels, mask = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment, tcfg.rotate_augment,
+                                    tcfg.photometric_augment)
         pixels, mask = pixels.to(accelerator.device), mask.to(accelerator.device)
         loss, parts = optimisation_step(trainee, pixels, mask, generator, optimizer, lr_scheduler, accelerator, tcfg.grad_clip)
         if not torch.isfinite(loss):
@@ -576,6 +607,8 @@ def train(
     """Train a SynDiff segmenter (``model="syndiff"``) or the pixel-space baseline
     (``model="baseline"``); returns the results dict also written to results.json.
 
+    ``data``: one data set (a folder, or "toy"), or a list of folders trained on together
+    (each keeps its own split: see :func:`prepare_data`).
     ``seed`` draws the initial weights, the batches and the noise; ``split_seed`` (default:
     ``seed``) draws the split, so trainings that differ only in ``seed`` can share one split.
     ``overwrite`` replaces a run already in ``out`` (never a folder holding other files).
@@ -588,7 +621,7 @@ def train(
     run_dir = Path(out)
     t_start, code = time.time(), code_version()  # the code as it was when the run began
     tcfg = profile.train
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tcfg.mixed_precision))
     is_main = accelerator.is_main_process
 
     # 1. Data, split and the run folder: everything that can be wrong is found before any work.

@@ -146,3 +146,35 @@ def segment_clip(pipe, clip: Clip, out_dir, overlay_path=None, num_inference_ste
     return {"frames": len(latencies), "frames_per_s": len(latencies) / seconds,
             "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
             "overlay": None if written_to is None else str(written_to)}
+
+
+def sequence_folder(data, dest, sequence: int | None = None, max_frames: int = 60) -> tuple[Path, dict]:
+    """A frame folder to play as a clip (notebook 07): one CVC-ClinicDB video sequence in frame
+    order (links to the data set's images; ``sequence`` None takes the longest), or, for any
+    other data, its first frames as they come (then it is no video, only frames in a row).
+    Returns the folder and what it holds: the sequence and the frame ids."""
+    from .data import clinicdb_frame, clinicdb_sequence, find_pairs, is_toy, make_toy_dataset
+
+    dest = Path(dest)
+    if dest.exists():
+        for old in dest.iterdir():  # the folder is this function's own: rebuilt on every call
+            old.unlink()
+    dest.mkdir(parents=True, exist_ok=True)
+    if is_toy(data):
+        samples = make_toy_dataset(max_frames)
+        for sample in samples:
+            Image.fromarray(sample.image).save(dest / f"{sample.id}.png")
+        return dest, {"sequence": None, "frames": [s.id for s in samples]}
+    images = {frame_id: image for frame_id, image, _ in find_pairs(data)}
+    sequences = {}
+    if all(clinicdb_frame(frame_id) is not None for frame_id in images):
+        for frame_id in images:  # find_pairs sorts naturally: frame order within each sequence
+            sequences.setdefault(clinicdb_sequence(frame_id), []).append(frame_id)
+    if sequences:
+        sequence = sequence or max(sequences, key=lambda k: len(sequences[k]))
+        ids = sequences[sequence][:max_frames]
+    else:
+        sequence, ids = None, list(images)[:max_frames]
+    for frame_id in ids:
+        (dest / f"{frame_id}{images[frame_id].suffix}").symlink_to(Path(images[frame_id]).resolve())
+    return dest, {"sequence": sequence, "frames": ids}

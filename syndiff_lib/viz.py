@@ -234,7 +234,7 @@ def _difference(line: dict, reference: str | None) -> tuple[str, str]:
                 line["verdict"])
     if line.get("note"):
         return "-", line["note"]
-    if reference is not None and line.get("key") == reference:
+    if line.get("key") == line.get("against", reference) and line.get("key") is not None:
         return "reference", "-"
     return "-", f"not yet ({line['cells']} of {line['of']} cells)"
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from syndiff_lib import experiments
+from syndiff_lib import experiments, viz
 from syndiff_lib.data import make_toy_dataset
 
 TINY_BUDGET = experiments.GridBudget(syndiff_steps=4, baseline_steps=3, val_every=2, checkpoint_every=2)
@@ -38,8 +38,12 @@ def test_every_grid_has_rows_folds_and_a_trained_reference():
         assert spec["reference"] in keys, name
         for row in spec["rows"]:  # a row that reuses a model names one that some row trains
             assert row.get("model") in set(experiments.TRAINED) | {None}, (name, row["row"])
-    training_rows = {id(r) for g in experiments.GRIDS.values() for r in g["rows"] if "key" in r}
-    assert len(experiments.TRAINED) == len(training_rows)  # one key, one row (grids may share a row, never a key)
+    models = {}
+    for grid in experiments.GRIDS.values():
+        for row in grid["rows"]:
+            if "key" in row:  # what trains, without its labels
+                models.setdefault(row["key"], []).append({k: v for k, v in row.items() if k not in ("paper", "against")})
+    assert all(rows.count(rows[0]) == len(rows) for rows in models.values())  # one key, one model, in every grid
     cells = experiments.grid_cells(experiments.grid_spec("table3"))
     assert len({c.folder("g") for c in cells}) == len(cells)  # no two cells share a folder
 
@@ -177,3 +181,24 @@ def test_the_gan_rows_generator_learns_from_the_folds_training_frames_only(tmp_p
     assert [r["backend"] for r in made] == ["gan", "gan"]
     with pytest.raises(ValueError, match="copy-paste or gan"):
         experiments.make_backend("sdxl", frames, split, tmp_path / "other", seed=0)
+
+
+def test_a_row_is_compared_with_the_row_it_names(tmp_path):
+    """The precision grid: each bf16 row against its own fp32 row, not against the grid's reference."""
+    spec = experiments.grid_spec("precision")
+    ids = [str(i) for i in range(1, 61)]  # frames of sequences 1 and 2 (ClinicDB ids)
+    dice = {"syndiff": 0.80, "syndiff_bf16": 0.79, "baseline": 0.60, "baseline_bf16": 0.70}
+    metrics = {m: 0.5 for m in ("dice", "iou", "hd95", "nsd")} | {f"{m}_std": 0.1 for m in ("dice", "iou", "hd95", "nsd")}
+    for cell in experiments.grid_cells(spec):
+        folder = cell.folder(tmp_path)
+        folder.mkdir(parents=True)
+        rows = [{"id": i, "dice": dice[cell.row["key"]] + 0.01 * cell.seed, "iou": 0.5, "hd95": 1.0, "nsd": 0.5} for i in ids]
+        (folder / "per_image.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "cell.json").write_text(json.dumps({"key": cell.row["key"], "fold": cell.fold, "seed": cell.seed,
+                                                      "inference_steps": 1, "metrics": metrics | {"n": len(ids)}}))
+    lines = {line["key"]: line for line in experiments.report("precision", tmp_path)}
+    assert lines["syndiff_bf16"]["diff"] == pytest.approx(-0.01) and lines["syndiff_bf16"]["against"] == "syndiff"
+    assert lines["baseline_bf16"]["diff"] == pytest.approx(0.10) and lines["baseline_bf16"]["against"] == "baseline"
+    assert "diff" not in lines["baseline"] and "diff" not in lines["syndiff"]  # references, not compared with another row
+    table_rows = {row[0]: row for row in viz.grid_table_rows(list(lines.values()), spec["reference"])}
+    assert table_rows["Pixel U-Net (equal budget)"][6] == "reference"
