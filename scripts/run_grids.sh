@@ -4,11 +4,12 @@
 # A killed run resumes where it stopped (done cells are skipped, an interrupted cell resumes
 # from its checkpoint), so start it again in every session; commit results/cpu-clinicdb/cells/
 # as cells land. DATA and GRIDS may be set: DATA=/path/to/cvc-clinicdb GRIDS="table2".
+# scripts/run_generalisation.sh runs the cross-dataset experiments beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 DATA=${DATA:-../shared/data/cvc-clinicdb}
-for grid in ${GRIDS:-noise table1 table2 table3}; do
+for grid in ${GRIDS:-noise precision table1 table2 table3}; do
   echo "=== $grid $(date -u +%FT%TZ) at $(git rev-parse --short HEAD)"
   .venv/bin/python -m syndiff_lib experiment run "$grid" --data "$DATA" --out results/cpu-clinicdb
 done

@@ -1,8 +1,8 @@
 """Generalisation: train on one polyp data set, score on another.
 
-Taught in notebook 08 (generalisation). A model that segments CVC-ClinicDB's frames well may
-only have learned ClinicDB's endoscope, light and colours; frames of Kvasir-SEG, taken with
-other equipment, tell whether it learned polyps. The experiments are data (:data:`EXPERIMENTS`),
+A model that segments CVC-ClinicDB's frames well may only have learned ClinicDB's
+endoscope, light and colours; frames of Kvasir-SEG, taken with other equipment, tell
+whether it learned polyps. The experiments are data (:data:`EXPERIMENTS`),
 one row per trained model:
 
     key          the cell's folder name
