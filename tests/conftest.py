@@ -35,3 +35,21 @@ def autoencoder_cache(tmp_path_factory):
     if "SYNDIFF_CACHE" not in os.environ:
         os.environ["SYNDIFF_CACHE"] = str(tmp_path_factory.mktemp("syndiff-cache"))
     return Path(os.environ["SYNDIFF_CACHE"])
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    """An untrained SynDiffPipeline of the tiny profile (one per test module): equality checks
+    between runtimes and speed options need no training."""
+    from syndiff_lib.config import get_profile
+    from syndiff_lib.pipeline import SynDiffPipeline
+
+    return SynDiffPipeline.from_profile(get_profile("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_pipe, tmp_path_factory):
+    """A run folder holding ``tiny_pipe`` as a trained run holds its pipeline."""
+    run = tmp_path_factory.mktemp("run")
+    tiny_pipe.save_pretrained(run / "pipeline")
+    return run

@@ -15,19 +15,7 @@ from syndiff_lib.cli import main
 from syndiff_lib.config import get_profile
 from syndiff_lib.data import make_toy_dataset
 from syndiff_lib.export import OnnxPipeline, compare_graphs, export_onnx, mask_dice
-from syndiff_lib.pipeline import BaselinePipeline, SynDiffPipeline
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    return SynDiffPipeline.from_profile(get_profile("tiny"))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_pipe, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    tiny_pipe.save_pretrained(run / "pipeline")  # what a run folder holds
-    return run
+from syndiff_lib.pipeline import BaselinePipeline
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,10 @@ from syndiff_lib import train as train_lib
 from syndiff_lib.autoencoder import decode_mask, decode_skipping_upsamplers
 from syndiff_lib.bench import SPEED_OPTIONS, fastest_that_holds, speed_options
 from syndiff_lib.cli import main
-from syndiff_lib.config import get_profile
 from syndiff_lib.data import make_toy_dataset
 from syndiff_lib.export import OnnxPipeline, export_onnx, mask_dice
-from syndiff_lib.pipeline import Speed, SynDiffPipeline
+from syndiff_lib.pipeline import Speed
 from syndiff_lib.video import sequence_folder
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    return SynDiffPipeline.from_profile(get_profile("tiny"))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_pipe, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    tiny_pipe.save_pretrained(run / "pipeline")
-    return run
 
 
 def images(n=4, size=80):
