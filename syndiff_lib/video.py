@@ -156,8 +156,11 @@ def sequence_folder(data, dest, sequence: int | None = None, max_frames: int = 6
     from .data import clinicdb_frame, clinicdb_sequence, find_pairs, is_toy, make_toy_dataset
 
     dest = Path(dest)
-    if dest.exists():
-        for old in dest.iterdir():  # the folder is this function's own: rebuilt on every call
+    if dest.exists():  # rebuilt on every call: only what an earlier call wrote goes
+        others = [f for f in dest.iterdir() if not (f.is_symlink() or f.name.startswith("toy_"))]
+        if others:
+            raise DataError(f"{dest}: holds files this function did not write (e.g. {others[0].name}); choose an empty folder")
+        for old in dest.iterdir():
             old.unlink()
     dest.mkdir(parents=True, exist_ok=True)
     if is_toy(data):
