@@ -5,6 +5,8 @@
 # from its checkpoint), so start it again in every session; commit results/cpu-clinicdb/cells/
 # as cells land. DATA and GRIDS may be set: DATA=/path/to/cvc-clinicdb GRIDS="table2".
 # scripts/run_generalisation.sh runs the cross-dataset experiments beside it.
+# Side by side, give each one thread (OMP_NUM_THREADS=1): two one-thread trainings on two
+# cores do more steps in total than one with both threads (results/speed/two-lanes.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE TQDM_DISABLE=1 HF_HUB_OFFLINE=1
