@@ -75,7 +75,8 @@ def run_info_cell(nb, params: dict, machine: str) -> nbformat.NotebookNode:
 
 
 def stamp(path: Path, params: dict, machine: str) -> float:
-    """Put the run-info note after the notebook's first (title) cell; return the run time.
+    """Put the run-info note after the notebook's first (title) cell, collapse papermill's
+    injected parameters; return the run time.
 
     Also drops the saved widget state: widgets need a live kernel, the book shows static
     figures beside them, and the state would load ipywidgets' JavaScript from a CDN.
@@ -84,6 +85,10 @@ def stamp(path: Path, params: dict, machine: str) -> float:
     nb.metadata.pop("widgets", None)
     nb.cells = [c for c in nb.cells if RUN_INFO_TAG not in c.get("metadata", {}).get("tags", [])]
     nb.cells.insert(1, run_info_cell(nb, params, machine))
+    for cell in nb.cells:  # papermill's copy of the parameters: boilerplate, collapsed in the book
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "hide-cell" not in tags:
+            tags.append("hide-cell")
     scrub_paths(nb, path.parent.parent)
     nbformat.write(nb, path)
     return float(nb.metadata.get("papermill", {}).get("duration") or 0.0)

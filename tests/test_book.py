@@ -76,6 +76,7 @@ def test_notebook_has_colab_cell_then_one_parameters_cell(path):
     nb = read(path)
     code = [c for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in tags(c)]
     assert "google.colab" in code[0].source, "the first code cell installs the project on Colab"
+    assert "hide-cell" in tags(code[0]), "boilerplate is collapsed in the book"
     url = re.search(r'REPO_URL = "([^"]+)"', code[0].source).group(1)
     assert url == config()["repository"]["url"], "REPO_URL must equal repository.url in _config.yml"
     parameter_cells = [c for c in nb.cells if "parameters" in tags(c)]
@@ -86,12 +87,33 @@ def test_notebook_has_colab_cell_then_one_parameters_cell(path):
     assert 'profile = "tiny"' in parameter_cells[0].source
 
 
+def test_set_repository_writes_the_one_address_everywhere(tmp_path):
+    """scripts/set_repository.py: _config.yml and every notebook's Colab cell get the address;
+    nothing else in a notebook changes; a malformed address is refused."""
+    shutil.copy(REPO / "_config.yml", tmp_path / "_config.yml")
+    shutil.copytree(REPO / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns("artifacts"))
+    spec = importlib.util.spec_from_file_location("set_repository", REPO / "scripts" / "set_repository.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    url = "https://github.com/someone/syndiff-book"
+    changed = module.set_repository(url, root=tmp_path)
+    assert len(changed) == 1 + len(NOTEBOOKS)
+    assert yaml.safe_load((tmp_path / "_config.yml").read_text())["repository"]["url"] == url
+    for path in NOTEBOOKS:
+        before, after = read(path), nbformat.read(tmp_path / "notebooks" / path.name, as_version=4)
+        assert f'REPO_URL = "{url}"' in after.cells[[c.cell_type for c in after.cells].index("code")].source
+        assert [c.outputs for c in before.cells if c.cell_type == "code"] == \
+            [c.outputs for c in after.cells if c.cell_type == "code"]
+    with pytest.raises(SystemExit, match="not a GitHub repository"):
+        module.set_repository("http://example.org/x", root=tmp_path)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_sets_up_with_the_library_helper(path):
     """One hidden setup cell calls syndiff_lib.notebook.setup; no notebook imports the command line."""
     code = [c for c in read(path).cells if c.cell_type == "code"]
     setups = [c for c in code if "ctx = setup(profile, data, seed, device, artifacts)" in c.source]
-    assert len(setups) == 1 and "hide-input" in tags(setups[0])
+    assert len(setups) == 1 and "hide-cell" in tags(setups[0]), "boilerplate is collapsed in the book"
     assert setups[0].source.startswith("from syndiff_lib.notebook import setup"), "first: progress bars off"
     assert not [c.source[:60] for c in code if "syndiff_lib.cli" in c.source or "get_profile(" in c.source]
 
