@@ -95,6 +95,30 @@ def compare_figure(images, targets, preds, n: int = 6, row_titles=None) -> Figur
     return _finish(fig)
 
 
+TEXT_WIDTH = 90  # characters: what the book's column shows without a horizontal scroll bar
+
+
+def wrap_lines(text: str, width: int = TEXT_WIDTH) -> str:
+    """``text`` with every line longer than ``width`` broken at its last space before the
+    limit (or at the limit, with no space); the continuation keeps the line's indentation
+    plus four spaces, so printed code and log lines fit the book's column (notebook 04)."""
+    out = []
+    for line in text.splitlines():
+        indent = " " * (len(line) - len(line.lstrip()) + 4)
+        while len(line) > width:
+            cut = line.rfind(" ", len(indent), width + 1)
+            cut = cut if cut > len(indent) else width  # no space to break at: cut the word
+            out.append(line[:cut].rstrip())
+            line = indent + line[cut:].lstrip()
+        out.append(line)
+    return "\n".join(out)
+
+
+def print_wrapped(message: str) -> None:
+    """print(:func:`wrap_lines` (message)): a ``log`` for train() and friends in the notebooks."""
+    print(wrap_lines(message))
+
+
 def read_jsonl(path) -> list[dict]:
     """The records of a JSONL metrics log, one dict per non-empty line."""
     with open(path) as file:
@@ -357,3 +381,177 @@ def progress_note(state: dict) -> str:
         return (f"{state['done']} of {state['cells']} cells done: the row means are not yet the paper's "
                 "5-fold numbers, and a row's difference is shown only once all its cells are done")
     return f"all {state['cells']} cells done: the row means are over the grid's folds"
+
+
+# --- choosing what to show, by a stated rule (notebooks 04 and 05) ----------------------------
+# A figure of "the first frames" shows whatever the data's order happens to put first. These
+# functions pick frames by a rule a caption can state (by Dice, by polyp size, by kind of
+# failure) and summarise a run's log and a study, so that the prose can quote what they return.
+
+FAILURE_KINDS = ("missed", "false detection", "mis-shaped")
+FAILURE_DICE = 0.5  # a failure: less overlap than half of what a perfect mask has
+MISSED_COVERAGE = 0.2  # a prediction that covers under a fifth of the polyp has not found it
+FALSE_SHARE = 0.5  # most of the predicted area in regions that never touch the polyp: it points elsewhere
+
+
+def polyp_fractions(masks) -> np.ndarray:
+    """The fraction of each bool mask [H, W] that is polyp: [N] floats in [0, 1] (masks may differ in size)."""
+    return np.array([np.asarray(mask, dtype=bool).mean() for mask in masks], dtype=np.float64)
+
+
+def latent_cells_touched(masks, factor: int) -> np.ndarray:
+    """How many cells of the latent grid each mask [H, W] touches: [N] ints. A cell is a
+    ``factor`` x ``factor`` block of pixels (8 for SD's autoencoder), touched when any of its
+    pixels is polyp, the rule ``diffusion.balanced_l1`` uses."""
+    counts = []
+    for mask in masks:
+        mask = np.asarray(mask, dtype=bool)
+        h, w = mask.shape
+        if h % factor or w % factor:
+            raise ValueError(f"mask side {mask.shape} is not a multiple of the latent factor {factor}")
+        cells = mask.reshape(h // factor, factor, w // factor, factor).any(axis=(1, 3))  # [h, w] latent grid
+        counts.append(int(cells.sum()))
+    return np.array(counts, dtype=np.int64)
+
+
+def rank_picks(values, labels=("lowest", "median", "highest")) -> list[tuple[str, int]]:
+    """(label, index) of the lowest, the median and the highest of ``values`` [N]: the rows of a
+    figure chosen by rank, not by position. The median is the lower middle of a stable sort, so
+    ties keep the data's order. NaNs are refused: a NaN has no rank."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D array, got shape {values.shape}")
+    if np.isnan(values).any():
+        raise ValueError("values holds NaN; drop those entries before ranking")
+    order = np.argsort(values, kind="stable")  # [N], lowest first
+    lowest, median, highest = labels
+    picks = [(lowest, int(order[0])), (median, int(order[(len(order) - 1) // 2])), (highest, int(order[-1]))]
+    unique = []
+    for label, index in picks:  # with N < 3 one frame holds two ranks: show it once, under the first
+        if index not in [i for _, i in unique]:
+            unique.append((label, index))
+    return unique
+
+
+def picks_figure(samples, preds, picks, fractions=None) -> Figure:
+    """:func:`compare_figure` of the frames that ``picks`` names ((label, index) pairs, e.g. from
+    :func:`rank_picks`): each row titled with its label, the frame's id and, given
+    ``fractions`` [N], its polyp's share of the frame; the prediction's Dice is in its own
+    title. samples: objects with .image, .mask and .id; preds: bool [N, H, W]. No picks: a
+    figure that says so."""
+    if not picks:
+        fig, ax = plt.subplots(figsize=(7.5, 0.6), dpi=DPI)
+        ax.axis("off")
+        ax.annotate("no frame to show", (0.5, 0.5), xycoords="axes fraction", ha="center", va="center", color="0.4")
+        return _finish(fig)
+    titles = []
+    for label, i in picks:
+        size = "" if fractions is None else f"\npolyp {fractions[i]:.1%} of the frame"
+        titles.append(f"{label}: frame {samples[i].id}{size}")
+    return compare_figure([samples[i].image for _, i in picks], [samples[i].mask for _, i in picks],
+                          [preds[i] for _, i in picks], n=len(picks), row_titles=titles)
+
+
+def classify_failure(pred, target, failure_dice: float = FAILURE_DICE, missed_coverage: float = MISSED_COVERAGE,
+                     false_share: float = FALSE_SHARE) -> dict:
+    """What went wrong in one prediction, by a stated rule (notebook 05's failure cases).
+
+    pred, target: bool [H, W]. With Dice >= ``failure_dice`` the frame is no failure (kind None).
+    Below it, in this order:
+    1. "false detection": more than ``false_share`` of the predicted pixels lie in connected
+       regions that do not touch the polyp (the model points elsewhere); with no polyp in the
+       frame, any predicted pixel is one.
+    2. "missed": else, if the prediction covers less than ``missed_coverage`` of the polyp
+       (nothing, or almost nothing, was predicted on it).
+    3. "mis-shaped": else (found, in the right place, with the wrong outline).
+    Returns {"kind", "dice", "coverage" (share of the polyp predicted), "false_share" (share
+    of the prediction away from the polyp)}; a share of an empty mask is NaN.
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape or pred.dtype != bool or target.dtype != bool:
+        raise ValueError(f"pred and target must be bool masks of one shape, got {pred.dtype} {pred.shape} "
+                         f"and {target.dtype} {target.shape}")
+    dice = dice_score(pred, target)
+    coverage = float((pred & target).sum() / target.sum()) if target.any() else math.nan
+    regions, n_regions = ndimage.label(pred)  # [H, W]: 0 background, 1..n the predicted regions
+    touching = np.unique(regions[pred & target])  # the regions that overlap the polyp
+    away = pred & ~np.isin(regions, touching)  # [H, W]: predicted pixels in regions that never touch it
+    share_away = float(away.sum() / pred.sum()) if pred.any() else math.nan
+    kind = None
+    if dice < failure_dice:
+        if not target.any() or share_away > false_share:  # no polyp: Dice < 1 means something was predicted
+            kind = "false detection"
+        elif coverage < missed_coverage:
+            kind = "missed"
+        else:
+            kind = "mis-shaped"
+    return {"kind": kind, "dice": dice, "coverage": coverage, "false_share": share_away}
+
+
+def worst_of_each_kind(cases: list[dict]) -> dict[str, int | None]:
+    """{kind: index of the lowest-Dice case of that kind, or None when no case has it} for each
+    of FAILURE_KINDS, from :func:`classify_failure` results (one per frame)."""
+    worst = {}
+    for kind in FAILURE_KINDS:
+        of_kind = [i for i, case in enumerate(cases) if case["kind"] == kind]
+        worst[kind] = min(of_kind, key=lambda i: cases[i]["dice"]) if of_kind else None
+    return worst
+
+
+def by_polyp_size(values, fractions, threshold: float) -> dict:
+    """Mean of ``values`` [N] (e.g. per-image Dice) over the frames whose polyp covers less
+    than ``threshold`` of the frame ("small") and over the others ("large"), with their counts.
+    The mean of an empty group is NaN."""
+    values, fractions = np.asarray(values, dtype=np.float64), np.asarray(fractions, dtype=np.float64)
+    if values.shape != fractions.shape:
+        raise ValueError(f"values and fractions must have one shape, got {values.shape} and {fractions.shape}")
+    small = fractions < threshold  # [N]
+
+    def mean(group):
+        return float(values[group].mean()) if group.any() else math.nan
+
+    return {"n_small": int(small.sum()), "n_large": int((~small).sum()), "small": mean(small), "large": mean(~small)}
+
+
+def versus_noise(means, seed_stds, n_seeds: int, z: float = 1.96) -> dict:
+    """Do several settings differ by more than their noise? The rule of notebook 05's t study.
+
+    means: each setting's mean Dice over ``n_seeds`` seeds of the inference noise; seed_stds:
+    the std over those seeds (numpy's, ddof=0, as ablations.inference_study gives it).
+    spread = max - min of the means. A difference between two such means stands out of the
+    noise (two-sided 95 %) when it exceeds detectable = z x sqrt(2) x s / sqrt(n_seeds - 1),
+    with s the largest of ``seed_stds``: s / sqrt(n_seeds - 1) is the standard error of a mean
+    of n_seeds draws estimated from a ddof=0 std. The settings share their seeds, so this
+    unpaired test is, if anything, strict. Returns {"spread", "detectable", "flat" (spread <=
+    detectable), "highest" (index of the highest mean)}.
+    """
+    means, seed_stds = np.asarray(means, dtype=np.float64), np.asarray(seed_stds, dtype=np.float64)
+    if means.shape != seed_stds.shape or means.size < 2:
+        raise ValueError(f"need two or more settings with one std each, got {means.shape} and {seed_stds.shape}")
+    if n_seeds < 2:
+        raise ValueError(f"n_seeds must be >= 2 (one seed has no spread), got {n_seeds}")
+    spread = float(means.max() - means.min())
+    detectable = detectable_difference(float(seed_stds.max()) / math.sqrt(n_seeds - 1), z)
+    return {"spread": spread, "detectable": detectable, "flat": spread <= detectable, "highest": int(means.argmax())}
+
+
+def ema_summary(records) -> dict:
+    """What averaging the weights did in one training log (notebook 04): at every validation
+    the log has "val_dice" (the averaged weights) and "val_dice_raw" (the optimiser's).
+
+    Returns {"n_val", "n_ema_higher", "ema_mean", "raw_mean", "raw_max_jump"} (the largest
+    change of the raw weights' Dice from one validation to the next). A log without the raw
+    weights' Dice (EMA off) gives n_val and NaN for the rest.
+    """
+    if isinstance(records, (str, Path)):
+        records = read_jsonl(records)
+    validations = [r for r in records if "val_dice" in r]
+    paired = [r for r in validations if "val_dice_raw" in r]
+    if not paired:
+        return {"n_val": len(validations), "n_ema_higher": math.nan, "ema_mean": math.nan, "raw_mean": math.nan,
+                "raw_max_jump": math.nan}
+    ema = np.array([r["val_dice"] for r in paired])  # [V]
+    raw = np.array([r["val_dice_raw"] for r in paired])  # [V]
+    jumps = np.abs(np.diff(raw))
+    return {"n_val": len(validations), "n_ema_higher": int((ema > raw).sum()), "ema_mean": float(ema.mean()),
+            "raw_mean": float(raw.mean()), "raw_max_jump": float(jumps.max()) if jumps.size else math.nan}
