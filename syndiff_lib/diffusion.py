@@ -116,11 +116,13 @@ def balanced_l1(mask_latent_pred, mask_latent, mask) -> torch.Tensor:
     def mean_over(weight):
         return (err * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp(min=1)
 
-    per_image = torch.where(polyp.sum((1, 2, 3)) > 0, 0.5 * mean_over(polyp) + 0.5 * mean_over(background), err.mean((1, 2, 3)))
+    balanced = 0.5 * mean_over(polyp) + 0.5 * mean_over(background)  # [B]
+    per_image = torch.where(polyp.sum((1, 2, 3)) > 0, balanced, err.mean((1, 2, 3)))  # [B]
     return per_image.mean()
 
 
-def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent, mask_latent, generator: torch.Generator, vae=None, mask=None):
+def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent, mask_latent,
+                  generator: torch.Generator, vae=None, mask=None):
     """The dual loss of Eq. 4-6: L = ||n - n~||_1 + lambda * ||z_0 - z~_0||_1.
 
     With ``cfg.decoder_loss_weight`` > 0 (not the paper), :func:`decoder_loss` is added; it
@@ -128,7 +130,8 @@ def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent, mask_late
     Returns (loss, {"loss_noise": ..., "loss_latent": ...}) with detached floats in the dict.
     """
     # 1. Draw t and n, and noise the mask latent (Eq. 1).
-    timesteps = sample_timesteps(cfg, mask_latent.shape[0], generator, mask_latent.device)  # [B]
+    B = mask_latent.shape[0]
+    timesteps = sample_timesteps(cfg, B, generator, mask_latent.device)  # [B]
     noise = torch.randn(mask_latent.shape, generator=generator).to(mask_latent)  # [B, 4, h, w]
     noisy_mask_latent = add_noise(scheduler, mask_latent, noise, timesteps)  # [B, 4, h, w]
     # 2. One U-Net call on [z_c || z_t] (Eq. 2).
@@ -149,14 +152,15 @@ def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent, mask_late
     parts = {"loss_noise": loss_noise.item(), "loss_latent": loss_latent.item()}
     # 5. (Optional, beyond the paper) supervise the decoded mask itself.
     if cfg.decoder_loss_weight > 0:
-        k = max(1, round(cfg.decoder_loss_fraction * len(mask)))  # the first k of a random batch
+        k = max(1, round(cfg.decoder_loss_fraction * len(mask)))  # the first k of the batch
         loss_decoder = decoder_loss(vae, mask_latent_pred[:k], mask[:k])
         loss = loss + cfg.decoder_loss_weight * loss_decoder
         parts["loss_decoder"] = loss_decoder.item()
     return loss, parts
 
 
-def single_step(unet, scheduler, cfg: DiffusionConfig, image_latent, t_infer: int, generator: torch.Generator | None = None, noise=None):
+def single_step(unet, scheduler, cfg: DiffusionConfig, image_latent, t_infer: int,
+                generator: torch.Generator | None = None, noise=None):
     """Single-step inference (Sec. 3.5): z_t = n ~ N(0, I), one U-Net call at t_infer, then Eq. 3.
 
     The paper feeds pure Gaussian noise as z_t at t = 50. Pass ``noise`` to control it
@@ -164,13 +168,16 @@ def single_step(unet, scheduler, cfg: DiffusionConfig, image_latent, t_infer: in
     """
     if noise is None:
         noise = torch.randn(image_latent.shape, generator=generator).to(image_latent)  # [B, 4, h, w]
-    timesteps = torch.full((image_latent.shape[0],), t_infer, device=image_latent.device, dtype=torch.long)
+    B = image_latent.shape[0]
+    timesteps = torch.full((B,), t_infer, device=image_latent.device, dtype=torch.long)  # [B]
     model_output = unet_forward(unet, image_latent, noise, timesteps)  # [B, 4, h, w]
-    mask_latent_pred, _ = split_prediction(scheduler, model_output, noise, timesteps, cfg.prediction_type)
+    mask_latent_pred, _ = split_prediction(scheduler, model_output, noise, timesteps,
+                                           cfg.prediction_type)
     return mask_latent_pred  # [B, 4, h, w]
 
 
-def multi_step(unet, scheduler, cfg: DiffusionConfig, image_latent, num_steps: int, generator: torch.Generator | None = None):
+def multi_step(unet, scheduler, cfg: DiffusionConfig, image_latent, num_steps: int,
+               generator: torch.Generator | None = None):
     """Multi-step DDIM sampling (eta = 0) from the same weights: the paper's T = 50/100 rows.
 
     With "trailing" spacing the first step is at t = T - 1; one DDIM step from t = 999 to the

@@ -65,12 +65,15 @@ def find_root(start=None) -> Path:
 
 
 def hardware_line() -> str:
-    """One line: platform, Python, CPU cores, torch's threads, GPU (the last line `setup` prints)."""
+    """One short line (it must fit the book's column): CPU, cores, torch's threads, GPU, OS,
+    Python (the last line `setup` prints)."""
     import torch
 
+    from .train import cpu_model  # here, not at the top: train imports torch and diffusers
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"hardware {platform.platform()}, python {platform.python_version()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads, GPU {gpu}")
+    return (f"hardware {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"GPU {gpu}; {platform.system()} {platform.machine()}, python {platform.python_version()}")
 
 
 def use_jpeg_figures() -> bool:

@@ -315,7 +315,10 @@ class BaselinePipeline:
         return self.unet.device
 
     def to(self, device=None, dtype=None) -> "BaselinePipeline":
-        self.unet.to(device=device, dtype=dtype)
+        # Like SynDiffPipeline.to: cast only when the dtype differs (diffusers warns on every cast).
+        self.unet.to(device=device)
+        if dtype is not None and self.unet.dtype != dtype:
+            self.unet.to(dtype=dtype)
         return self
 
     def save_pretrained(self, directory) -> None:
