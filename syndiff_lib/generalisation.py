@@ -406,3 +406,418 @@ def choices(members: list[dict], cells: dict, head: dict) -> list[dict]:
             line |= {"test": target, "dice": mean_dice(cells[best["key"]], target)}
         lines.append(line)
     return lines
+
+
+# --- notebook 08: tables of the report, frames to look at, a simulated shift -----------------------
+# Report lines hold fractions (Dice, IoU, NSD) and pixels (HD95); the tables show Dice, IoU and NSD
+# in %, as notebook 06 does. A row whose cells are missing is shown as NOT_YET, never guessed.
+NOT_YET = "not yet run"
+SET_NAMES = {CLINICDB: "ClinicDB", KVASIR: "Kvasir-SEG"}  # short names for the tables
+MODEL_NAMES = {"syndiff": "SynDiff", "baseline": "Pixel U-Net"}
+REPORTED_INPUTS = "352x352 px, ImageNet-pretrained"  # what REPORTED's methods were trained with (REPORTED_NOTE)
+DEFAULT_CROSS_FRAMES = {"tiny": 36}  # frames of the other data set notebook 08 scores; other profiles: all
+PLAN_COLUMNS = ["row", "model", "variant", "trained on", "tested on", "variant chosen on"]
+SCORE_COLUMNS = ["test set", "row", "Dice %", "IoU %", "HD95 px", "NSD %", "drop (Dice points)"]
+PAIR_COLUMNS = ["test set", "comparison", "\u0394 Dice points [95 % CI]", "resampled", "verdict"]
+CHOICE_COLUMNS = ["row", "Dice % on the selection set", "choice", "its Dice % on the test set"]
+PROTOCOL_COLUMNS = ["method", "inputs", "Kvasir-SEG test Dice %", "ClinicDB test Dice %", "status"]
+
+
+def set_name(test: str) -> str:
+    """A set's label ("kvasir-seg:test") in words for a table: "Kvasir-SEG test"."""
+    name, part = test.split(":")
+    return f"{SET_NAMES.get(name, name)} {part}"
+
+
+def short_key(text: str) -> str:
+    """A row key or set label as part of a glue key: "c2k-syndiff" -> "c2k_syndiff",
+    "kvasir-seg:test" -> "kvasir_test", "cvc-clinicdb:train+val" -> "clinicdb_trainval"."""
+    for long, short in ((f"{KVASIR}:", "kvasir_"), (f"{CLINICDB}:", "clinicdb_")):
+        text = text.replace(long, short)
+    return text.replace("-", "_").replace("+", "").replace(":", "_")
+
+
+def tests_text(tests) -> str:
+    """A row's test sets in words, grouped by data set: "Kvasir-SEG test + all; ClinicDB test"."""
+    parts: dict[str, list[str]] = {}
+    for name, part in tests:
+        parts.setdefault(name, []).append(part)
+    return "; ".join(f"{SET_NAMES.get(name, name)} {' + '.join(p)}" for name, p in parts.items())
+
+
+def plan_rows(rows=None) -> list[list[str]]:
+    """One line per row of the experiments (PLAN_COLUMNS): what it trains on, is tested on and
+    chooses its variant on; the table of notebook 08 that says what every cell is."""
+    out = []
+    for row in select_rows(rows=rows):
+        trained_on = " + ".join(SET_NAMES.get(n, n) for n in row["data"])
+        chosen_on = set_name(label(row["selection"])) if row.get("selection") else "-"
+        out.append([row["key"], MODEL_NAMES[model_kind(row)], row["variant"], trained_on, tests_text(row["tests"]),
+                    chosen_on])
+    return out
+
+
+def experiment_status(out, *, seeds=SEEDS, rows=None) -> dict[int, dict]:
+    """:func:`status` of each experiment's rows, {experiment: status}, in TITLES' order."""
+    rows = select_rows(rows=rows)
+    return {e: status(out, [r["key"] for r in rows if r["experiment"] == e], seeds=seeds, rows=rows)
+            for e in dict.fromkeys(row["experiment"] for row in rows)}
+
+
+def mean_std(line: dict, metric: str) -> str:
+    """ "mean ± std" over frames of a score line's metric (in %; HD95 in px), or NOT_YET."""
+    if metric not in line:
+        return NOT_YET
+    scale = 1.0 if metric == "hd95" else 100.0
+    return f"{scale * line[metric]:.1f} \u00b1 {scale * line[f'{metric}_std']:.1f}"
+
+
+def drop_text(line: dict) -> str:
+    """A score line's drop from in-domain to this set, in Dice points, in words."""
+    if line["role"] == "in-domain":
+        return "in-domain"
+    if "drop" not in line:
+        return NOT_YET
+    home = "validation" if line["in_domain"] == "validation" else set_name(line["in_domain"])
+    return f"{100 * line['drop']:+.1f} from {home}"
+
+
+def score_rows(lines: list[dict], experiment: int) -> list[list[str]]:
+    """Rows (SCORE_COLUMNS) of one experiment's test sets, one per (set, row) of the report;
+    the selection sets are left out (:func:`choice_rows` shows them). A row whose cells are not
+    all done says so once, in the Dice column, with "-" in the other metrics' columns."""
+    rows = []
+    for ln in lines:
+        if ln["kind"] != "score" or ln["experiment"] != experiment or ln["role"] == "selection":
+            continue
+        metrics = [mean_std(ln, m) for m in ("dice", "iou", "hd95", "nsd")] if "dice" in ln else [NOT_YET, *"---"]
+        drop = drop_text(ln) if "dice" in ln or ln["role"] == "in-domain" else "-"
+        rows.append([set_name(ln["test"]), ln["row"], *metrics, drop])
+    return rows
+
+
+def expected_pairs(experiment: int, rows=None) -> list[tuple[str, dict, dict]]:
+    """(test set, a, b) of every comparison :func:`report` makes in ``experiment`` once both
+    rows are done: :func:`pairs` on each test set both rows are scored on."""
+    members = [row for row in select_rows(rows=rows) if row["experiment"] == experiment]
+    tests = dict.fromkeys(tuple(t) for row in members for t in row["tests"])
+    return [(label(t), a, b) for t in tests for a, b in pairs([r for r in members if t in map(tuple, r["tests"])])]
+
+
+def pair_rows(lines: list[dict], experiment: int, rows=None) -> list[list[str]]:
+    """Rows (PAIR_COLUMNS): each expected comparison's paired Dice difference (a - b) with its
+    95 % bootstrap interval, or NOT_YET while either row's cells are missing."""
+    done = {(ln["test"], ln["key"], ln["against"]): ln for ln in lines if ln["kind"] == "pair"}
+    out = []
+    for test, a, b in expected_pairs(experiment, rows):
+        ln = done.get((test, a["key"], b["key"]))
+        if a["variant"] == b["variant"]:  # SynDiff against the U-Net, both trained alike
+            name = "SynDiff - Pixel U-Net" + ("" if a["variant"] == "plain" else f", both {a['variant']}")
+        else:  # a variant against its model's plain row
+            name = f"{a['variant']} - plain ({MODEL_NAMES[model_kind(a)]})"
+        if ln is None:
+            out.append([set_name(test), name, NOT_YET, "-", "-"])
+            continue
+        unit = "sequence" if test.startswith(f"{CLINICDB}:") else "frame"  # what the bootstrap resamples
+        out.append([set_name(test), name, f"{100 * ln['diff']:+.1f} [{100 * ln['diff_low']:+.1f}, "
+                    f"{100 * ln['diff_high']:+.1f}]", f"{ln['n_groups']} {unit}{'s' * (ln['n_groups'] != 1)}",
+                    ln["verdict"]])
+    return out
+
+
+def choice_rows(lines: list[dict], experiment: int, rows=None) -> list[list[str]]:
+    """Rows (CHOICE_COLUMNS) for the rows of ``experiment`` that have a selection set: each one's
+    Dice on it, which variant it picks for each model (once every variant is scored), and the
+    chosen row's Dice on the cross-domain test set: the only test number the choice stands on."""
+    members = [row for row in select_rows(rows=rows) if row["experiment"] == experiment and row.get("selection")]
+    scores = {(ln["key"], ln["test"]): ln for ln in lines if ln["kind"] == "score" and ln["experiment"] == experiment}
+    chosen = {ln["model"]: ln for ln in lines if ln["kind"] == "choice" and ln["experiment"] == experiment}
+    out = []
+    for row in members:
+        line = scores.get((row["key"], label(row["selection"])), {})
+        choice = chosen.get(model_kind(row))
+        verdict = ("chosen" if choice["chosen"] == row["key"] else "-") if choice else "needs every variant"
+        test = f"{100 * choice['dice']:.1f}" if choice and choice["chosen"] == row["key"] and "dice" in choice else "-"
+        out.append([row["row"], mean_std(line, "dice"), verdict, test])
+    return out
+
+
+def ours_inputs(profile: str = "cpu") -> str:
+    """What this book's rows were trained with, in PROTOCOL_COLUMNS' "inputs" words."""
+    size = get_profile(profile).train.image_size
+    return f"{size}x{size} px, no pretraining"
+
+
+def protocol_rows(lines: list[dict], profile: str = "cpu") -> list[list[str]]:
+    """Rows (PROTOCOL_COLUMNS) of experiment 3: ours (mean Dice on each data set's test frames,
+    or NOT_YET), then the methods REPORTED, marked "reported, not rerun"."""
+    def dice(key, test):
+        line = next((ln for ln in lines if ln["kind"] == "score" and ln["key"] == key and ln["test"] == test), {})
+        return mean_std(line, "dice")
+
+    ours = [[f"{ln['row']} (this book)", ours_inputs(profile), dice(ln["key"], f"{KVASIR}:test"),
+             dice(ln["key"], f"{CLINICDB}:test"), "rerun here"]
+            for ln in lines if ln["kind"] == "score" and ln["experiment"] == 3 and ln["test"] == f"{KVASIR}:test"]
+    theirs = [[ln["row"], f"{REPORTED_INPUTS} {ln['backbone']}", f"{100 * ln['dice'][f'{KVASIR}:test']:.1f}",
+               f"{100 * ln['dice'][f'{CLINICDB}:test']:.1f}", "reported, not rerun"]
+              for ln in lines if ln["kind"] == "reported"]
+    return ours + theirs
+
+
+def glue_texts(lines: list[dict], rows=None) -> dict[str, str]:
+    """The report's numbers as short texts to glue, NOT_YET where cells are missing:
+
+        gen_<row>_<set>         "58.0 ± 27.4 % Dice"             every test set of every row
+        gen_<row>_<set>_drop    "+4.1 Dice points"               cross-domain sets: in-domain minus this
+        gen_<a>_vs_<b>_<set>    "+3.0 [-1.2, +7.1] Dice points"   every expected comparison
+        gen_<a>_vs_<b>_<set>_verdict                            "better", "worse", "no detectable difference"
+        gen_exp<e>_<model>_choice "c2k-syndiff-photometric"     the variant a selection set chose
+
+    <row> and <set> as :func:`short_key` writes them (c2k_syndiff, kvasir_test)."""
+    texts = {}
+    for ln in lines:
+        if ln["kind"] == "score" and ln["role"] != "selection":
+            key = f"gen_{short_key(ln['key'])}_{short_key(ln['test'])}"
+            texts[key] = f"{mean_std(ln, 'dice')} % Dice" if "dice" in ln else NOT_YET
+            if ln["role"] == "cross-domain":
+                texts[f"{key}_drop"] = f"{100 * ln['drop']:+.1f} Dice points" if "drop" in ln else NOT_YET
+    done = {(ln["test"], ln["key"], ln["against"]): ln for ln in lines if ln["kind"] == "pair"}
+    for experiment in dict.fromkeys(ln["experiment"] for ln in lines):
+        for test, a, b in expected_pairs(experiment, rows):
+            key = f"gen_{short_key(a['key'])}_vs_{short_key(b['key'])}_{short_key(test)}"
+            ln = done.get((test, a["key"], b["key"]))
+            texts[key] = (f"{100 * ln['diff']:+.1f} [{100 * ln['diff_low']:+.1f}, {100 * ln['diff_high']:+.1f}] "
+                          "Dice points" if ln else NOT_YET)
+            texts[f"{key}_verdict"] = ln["verdict"] if ln else NOT_YET
+        members = [r for r in select_rows(rows=rows) if r["experiment"] == experiment and r.get("selection")]
+        for kind in dict.fromkeys(model_kind(r) for r in members):
+            if sum(model_kind(r) == kind for r in members) > 1:
+                choice = next((ln for ln in lines if ln["kind"] == "choice" and ln["experiment"] == experiment
+                               and ln["model"] == kind), None)
+                texts[f"gen_exp{experiment}_{kind}_choice"] = choice["chosen"] if choice else NOT_YET
+    return texts
+
+
+def drop_points(lines: list[dict]) -> list[dict]:
+    """For each done cross-domain score line: the row, its in-domain and cross-domain Dice (for
+    notebook 08's figure of the drop)."""
+    return [{"experiment": ln["experiment"], "row": ln["row"], "key": ln["key"], "test": ln["test"],
+             "in_domain": ln["in_domain"], "in_domain_dice": ln["in_domain_dice"], "dice": ln["dice"]}
+            for ln in lines if ln["kind"] == "score" and ln["role"] == "cross-domain" and "drop" in ln]
+
+
+def read_first_look(path) -> dict:
+    """results/generalisation/first-look/*.json: grid models of notebook 06 scored on another
+    data set with `syndiff evaluate`. Returns the record (what, command, code, date, hardware)
+    with its results as "scores": {(model, data set, fit): that result}."""
+    record = json.loads(Path(path).read_text())
+    return record | {"scores": {(r["model"].split("/")[0], r["data"], r["fit"]): r for r in record["results"]}}
+
+
+# --- notebook 08: scoring notebook 04's model on frames of another data set -----------------------
+def find_kvasir(data, kvasir=None) -> Path | None:
+    """The Kvasir-SEG folder notebook 08 scores: ``kvasir`` if given, else kvasir-seg/ beside
+    the ``data`` folder (../shared/data holds both); None for the toy data or when absent."""
+    if kvasir is not None:
+        return Path(kvasir) if Path(kvasir).is_dir() else None
+    if data_lib.is_toy(data):
+        return None
+    folder = Path(data).parent / KVASIR
+    return folder if folder.is_dir() else None
+
+
+def cross_frame_count(profile: str, available: int, n=None) -> int:
+    """How many frames of the other data set notebook 08 scores: ``n`` if given, else
+    DEFAULT_CROSS_FRAMES[profile] (a few dozen at tiny), else all; never more than there are."""
+    n = DEFAULT_CROSS_FRAMES.get(profile) if n is None else n
+    return available if n is None else min(int(n), available)
+
+
+def run_test_set(run_dir, data) -> tuple[str, list[str]]:
+    """(data set, test ids) of a trained run: the data it was trained on and the test frames of
+    its split, as notebook 05 scores them. The recorded folder is used where it exists from
+    here; else ``data``, if it is a folder of the recorded name (the same data, reached from
+    another working directory); else a ValueError saying what the run was trained on."""
+    split = data_lib.load_split(Path(run_dir) / "split.json")
+    trained = split["data"]
+    if isinstance(trained, list):
+        raise ValueError(f"{run_dir} was trained on several data sets ({', '.join(map(str, trained))}); "
+                         "notebook 08 scores a run of one")
+    if data_lib.is_toy(trained):
+        return "toy", split["test"]
+    if Path(trained).is_dir():
+        return trained, split["test"]
+    if not data_lib.is_toy(data) and data_lib.dataset_name(data) == data_lib.dataset_name(trained):
+        return str(data), split["test"]
+    raise ValueError(f"{run_dir} was trained on {trained}, which is not here; pass that folder as data")
+
+
+def frame_sets(run_dir, data, folder, profile: str, seed: int = 0, kvasir=None, n=None,
+               strength: float = 1.0) -> tuple[dict[str, tuple], str]:
+    """The sets notebook 08 scores notebook 04's models on, {name: (data set, ids)}, and a
+    line that says what they are. First the run's own test frames (:func:`run_test_set`,
+    in-domain); then, with a ``kvasir`` folder, its first :func:`cross_frame_count` frames in id
+    order (its ids are random strings, so that is a fair draw); without one, a simulated
+    second data set written under ``folder``: that many toy frames drawn with seed + 1, once
+    as they are ("new toy frames") and once shifted by ``strength`` ("shifted toy frames",
+    :func:`write_shifted_toy`). The last set is the one furthest from training."""
+    home, home_ids = run_test_set(run_dir, data)
+    trained_on = "the toy dataset" if home == "toy" else Path(home).name
+    home_name = "toy test" if home == "toy" else f"{SET_NAMES.get(Path(home).name, Path(home).name)} test"
+    sets = {home_name: (home, home_ids)}
+    if kvasir is not None:
+        ids = data_lib.dataset_ids(kvasir)
+        sets["Kvasir-SEG"] = (kvasir, ids[:cross_frame_count(profile, len(ids), n)])
+        note = f"Kvasir-SEG found: {len(sets['Kvasir-SEG'][1])} of its {len(ids)} frames are scored, in id order."
+    else:
+        count = cross_frame_count(profile, data_lib.TOY_SIZE, n)
+        for name, folder_name, shift in (("new toy frames", "toy-new-frames", 0.0),
+                                         ("shifted toy frames", "toy-shifted", strength)):
+            written = write_shifted_toy(Path(folder) / folder_name, count, seed + 1, strength=shift)
+            sets[name] = (written, data_lib.dataset_ids(written))
+        note = (f"Kvasir-SEG is absent (no kvasir-seg/ folder beside the data): the other data set is simulated, "
+                f"{count} toy frames drawn with seed {seed + 1} instead of 0, once as they are and once with a "
+                f"photometric shift of strength {strength:g}.")
+    return sets, f"{note} Notebook 04 trained on {trained_on}: its {len(home_ids)} test frames are in-domain."
+
+
+def score_frames(pipe, data, ids, seed: int = 0, fit: str = "stretch", chunk: int = 50) -> tuple[dict, dict]:
+    """:func:`pipeline.evaluate` of ``pipe`` on the frames ``ids`` of ``data``, read ``chunk``
+    frames at a time (Kvasir-SEG's frames are up to 1920x1072: all 1000 at once would not fit a
+    laptop), each chunk one call with noise seed ``seed``. Returns (summary, per_image) as
+    evaluate does, per_image in the order of ``ids``."""
+    from .metrics import summarize
+    from .pipeline import evaluate
+
+    parts = []
+    for start in range(0, len(ids), chunk):
+        samples = data_lib.load_dataset(data, ids=ids[start:start + chunk], check=start == 0)
+        samples = sorted(samples, key=lambda s: ids.index(s.id))  # load_dataset sorts by id; keep the caller's order
+        parts.append(evaluate(pipe, samples, seed=seed, fit=fit)[1])
+    per_image = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    summary = summarize({k: v for k, v in per_image.items() if k != "id"}) | {"seed": seed, "fit": fit}
+    return summary, per_image
+
+
+def predict_frames(pipe, data, ids, wanted, seed: int = 0, fit: str = "stretch", chunk: int = 50) -> dict:
+    """{id: (sample, predicted mask [H, W])} for the ``wanted`` ids among ``ids``, made as
+    :func:`score_frames` made them (the same chunks, the same noise), so each mask is the one its
+    score was computed on; only the chunks holding a wanted id are run again."""
+    from .pipeline import letterbox, segment, unletterbox
+
+    found = {}
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        if not set(part) & set(wanted):
+            continue
+        samples = sorted(data_lib.load_dataset(data, ids=part, check=False), key=lambda s: part.index(s.id))
+        images, boxes = [s.image for s in samples], None
+        if fit == "letterbox":
+            images, boxes = letterbox(images)
+        masks = segment(pipe, images, seed=seed).masks
+        masks = list(masks) if boxes is None else unletterbox(masks, boxes)
+        found |= {s.id: (s, np.asarray(m)) for s, m in zip(samples, masks) if s.id in wanted}
+    return {i: found[i] for i in wanted}
+
+
+def chosen_frames(per_image: dict, n_worst: int = 2) -> list[tuple[str, int]]:
+    """The frames notebook 08 shows, by Dice: the ``n_worst`` lowest, the median and the best,
+    as (caption, index into per_image); ties go to the earlier frame, and no frame twice."""
+    dice = np.asarray(per_image["dice"])
+    order = np.argsort(dice, kind="stable")  # [N], lowest Dice first
+    picks = [(("worst" if k == 0 else f"worst {k + 1}"), int(order[k])) for k in range(min(n_worst, len(order)))]
+    picks += [("median", int(order[(len(order) - 1) // 2])), ("best", int(order[-1]))]
+    seen, out = set(), []
+    for caption, index in picks:
+        if index not in seen:
+            seen.add(index)
+            out.append((caption, index))
+    return out
+
+
+def by_id(per_image: dict, metric: str = "dice") -> dict[str, float]:
+    """{frame id: ``metric``} from evaluate's or :func:`score_frames`' per_image, for :func:`paired`."""
+    return {str(i): float(v) for i, v in zip(per_image["id"], per_image[metric])}
+
+
+def paired_text(ours: dict, theirs: dict) -> tuple[dict, str]:
+    """:func:`paired` of two {frame id: Dice} and its result in words, in Dice points."""
+    result = paired(ours, theirs)
+    return result, (f"{100 * result['diff']:+.1f} [{100 * result['diff_low']:+.1f}, {100 * result['diff_high']:+.1f}]"
+                    f" ({result['verdict']})")
+
+
+def fit_views(pipe, sample, seed: int = 0) -> dict[str, dict]:
+    """How one frame becomes the model's square input under each fit, and what comes back:
+    {fit: {"input": uint8 [S, S, 3] (what the model sees), "mask": bool [H, W] (the prediction
+    at the frame's own size), "dice": its Dice}} for "stretch" and "letterbox" (notebook 08)."""
+    from .metrics import dice_score
+    from .pipeline import FITS, images_to_tensor, letterbox, segment, unletterbox
+
+    size, views = pipe.profile.train.image_size, {}
+    for fit in FITS:
+        (image,), (box,) = letterbox([sample.image]) if fit == "letterbox" else ([sample.image], (None,))
+        pixels = images_to_tensor(image, size)[0]  # [3, S, S] in [-1, 1]
+        seen = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # [S, S, 3]
+        mask = segment(pipe, [image], seed=seed).masks[0]  # [L, L] or [H, W]: the input's size
+        mask = unletterbox([mask], [box])[0] if box is not None else np.asarray(mask)  # [H, W]
+        views[fit] = {"input": seen, "mask": mask, "dice": dice_score(mask, sample.mask)}
+    return views
+
+
+def widest(data, ids) -> str:
+    """The id among ``ids`` of the frame with the largest width / height ratio (the first of
+    equals): the one a stretch distorts most. Sizes come from the files' headers, so no
+    frame is decoded."""
+    from PIL import Image
+
+    images = {i: image for i, image, _ in data_lib.find_pairs(data)}
+    ratios = []
+    for i in ids:
+        with Image.open(images[i]) as image:
+            ratios.append(image.width / image.height)
+    return ids[int(np.argmax(ratios))]
+
+
+# --- notebook 08 without Kvasir-SEG: a simulated domain shift of the toy data ---------------------
+def shift_images(x, generator, strength: float = 1.0):
+    """augment.photometric_augment's changes (colour, blur, JPEG, in that order) with the colour
+    spreads times ``strength`` and the blur and JPEG probabilities times ``strength`` (at most 1).
+    strength 1 is the training augmentation exactly; 0 changes nothing. x: [B, 3, S, S] in [-1, 1]."""
+    from . import augment
+
+    if strength == 0:
+        return x.clone()
+    x = augment.colour_jitter(x, generator, brightness=augment.BRIGHTNESS * strength,
+                              contrast=augment.CONTRAST * strength, saturation=augment.SATURATION * strength,
+                              hue=augment.HUE * strength)
+    x = augment.gaussian_blur(x, generator, probability=min(1.0, augment.BLUR_PROBABILITY * strength))
+    return augment.jpeg_artefacts(x, generator, probability=min(1.0, augment.JPEG_PROBABILITY * strength))
+
+
+def write_shifted_toy(dest, n: int, seed: int, strength: float = 1.0, aspect: float | None = None,
+                      size: int = 128) -> Path:
+    """A simulated second data set, written like write_toy_dataset (dest/images, dest/masks):
+    ``n`` toy frames drawn with ``seed`` (other frames than the toy set's seed 0), their images
+    changed by :func:`shift_images` (noise seeded by ``seed``) and, with ``aspect`` (width /
+    height, e.g. 4/3 as ClinicDB's 384x288), cut to that shape about their centre, mask alike."""
+    import torch
+    from PIL import Image
+
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)  # a fresh set every time: no frames of another strength left over
+    (dest / "images").mkdir(parents=True)
+    (dest / "masks").mkdir()
+    samples = data_lib.make_toy_dataset(n, size, seed)
+    x = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 127.5 - 1 for s in samples])  # [N, 3, S, S]
+    x = shift_images(x, torch.Generator().manual_seed(seed), strength)
+    images = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # [N, S, S, 3]
+    rows = slice(None)
+    if aspect is not None:
+        height = min(size, round(size / aspect))
+        rows = slice((size - height) // 2, (size - height) // 2 + height)
+    for sample, image in zip(samples, images):
+        Image.fromarray(image[rows]).save(dest / "images" / f"{sample.id}.png")
+        Image.fromarray(sample.mask[rows].astype(np.uint8) * 255).save(dest / "masks" / f"{sample.id}.png")
+    return dest

@@ -2,11 +2,14 @@
 data sets at once, scoring at each image's own size, and photometric augmentation.
 
 Every fixture file is written into tmp_path. The check of the real Kvasir-SEG runs only when
-the shared copy is next to the checkout (../shared/data/kvasir-seg).
+the shared copy is next to the checkout (../shared/data/kvasir-seg). The last part checks the
+helpers of notebook 08 (tables of the cross-dataset report on fabricated cell files, frames
+scored in chunks, the stretch / letterbox views, the simulated shift of the toy data).
 """
 
 import json
 import math
+import re
 import zlib
 from pathlib import Path
 
@@ -15,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from syndiff_lib import augment, cli, data
+from syndiff_lib import augment, cli, data, generalisation
 from syndiff_lib.config import get_profile
 from syndiff_lib.data import DataError
-from syndiff_lib.pipeline import BaselinePipeline, letterbox, segment_files, unletterbox
+from syndiff_lib.metrics import dice_score
+from syndiff_lib.pipeline import BaselinePipeline, evaluate, letterbox, segment_files, unletterbox
 from syndiff_lib.baseline import build_baseline_unet
 from syndiff_lib.train import as_written_now, prepare_data, train
 
@@ -314,3 +318,229 @@ def test_blur_and_jpeg_leave_a_flat_image_flat_and_keep_the_range():
     compressed = augment.jpeg_artefacts(x, torch.Generator().manual_seed(0), probability=1.0)
     assert not torch.allclose(compressed, x, atol=1e-2) and compressed.min() >= -1 and compressed.max() <= 1
     assert torch.equal(augment.jpeg_artefacts(x, torch.Generator().manual_seed(0), probability=0.0), x)
+
+
+# ----------------------------------------------------------------------------- notebook 08's helpers
+
+KVASIR_IDS = fake_kvasir_ids(8)
+CLINICDB_IDS = ["1", "50", "100", "150", "200", "300", "400", "500"]  # frames of several video sequences
+
+
+def fabricate_cell(out: Path, key: str, dice: dict[str, float], val_dice: float = 0.9) -> None:
+    """A done cell of EXPERIMENTS' row ``key``: cell.json and one per_image file per scored set,
+    every frame of a set with the Dice ``dice[set]`` plus a small frame-to-frame spread."""
+    row = next(r for r in generalisation.EXPERIMENTS if r["key"] == key)
+    folder = generalisation.cell_folder(out, row, 0)
+    folder.mkdir(parents=True)
+    for name, part in generalisation.scored_sets(row):
+        ids = KVASIR_IDS if name == generalisation.KVASIR else CLINICDB_IDS
+        spread = np.linspace(-0.05, 0.05, len(ids))
+        lines = [{"id": i, "dice": dice[f"{name}:{part}"] + s, "iou": 0.5, "hd95": 10.0, "nsd": 0.3}
+                 for i, s in zip(ids, spread)]
+        (folder / f"per_image.{name}.{part}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (folder / "cell.json").write_text(json.dumps({"row": row["row"], "key": key, "cell_wall_seconds": 60.0,
+                                                  "val_dice": val_dice}))
+
+
+C2K = {"kvasir-seg:test": 0.5, "kvasir-seg:all": 0.55, "cvc-clinicdb:test": 0.8, "kvasir-seg:train+val": 0.6}
+
+
+def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
+    fabricate_cell(tmp_path, "c2k-syndiff", C2K)
+    fabricate_cell(tmp_path, "c2k-baseline", {k: v - 0.1 for k, v in C2K.items()})
+    lines = generalisation.report(tmp_path)
+    state = generalisation.experiment_status(tmp_path)
+    assert [(e, s["done"], s["cells"]) for e, s in state.items()] == [(1, 2, 5), (2, 0, 2), (3, 0, 2)]
+
+    scores = generalisation.score_rows(lines, 1)
+    assert len(scores[0]) == len(generalisation.SCORE_COLUMNS)
+    assert not any("train+val" in r[0] for r in scores)  # the selection set is the choice table's
+    by = {(r[0], r[1]): r for r in scores}
+    plain = by[("Kvasir-SEG test", "SynDiff")]
+    assert plain[2].startswith("50.0 \u00b1") and plain[6] == "+30.0 from ClinicDB test"
+    assert by[("ClinicDB test", "SynDiff")][6] == "in-domain"
+    assert by[("Kvasir-SEG test", "SynDiff + 100 copy-paste synthetic")][2:] == [generalisation.NOT_YET, *"----"]
+    in_domain = by[("ClinicDB test", "SynDiff + 100 copy-paste synthetic")]
+    assert in_domain[2:] == [generalisation.NOT_YET, *"---", "in-domain"]
+    assert all(r[2] == generalisation.NOT_YET and r[3:6] == list("---") for r in generalisation.score_rows(lines, 2))
+
+    pairs = {(r[0], r[1]): r for r in generalisation.pair_rows(lines, 1)}
+    done = pairs[("Kvasir-SEG test", "SynDiff - Pixel U-Net")]
+    assert done[2].startswith("+10.0 [") and done[3] == "8 frames" and done[4] == "better"
+    groups = len({data.clinicdb_sequence(i) for i in CLINICDB_IDS})
+    assert pairs[("ClinicDB test", "SynDiff - Pixel U-Net")][3] == f"{groups} sequences"  # ClinicDB: whole videos
+    waiting = [r for r in pairs.values() if r[2] == generalisation.NOT_YET]
+    assert waiting and all(r[1] != "SynDiff - Pixel U-Net" for r in waiting)  # the done pair is never "not yet"
+    assert {r[1] for r in waiting} == {"SynDiff - Pixel U-Net, both photometric", "copy-paste - plain (SynDiff)",
+                                       "photometric - plain (SynDiff)", "photometric - plain (Pixel U-Net)"}
+    assert len(pairs) == len(generalisation.expected_pairs(1))
+
+    choices = generalisation.choice_rows(lines, 1)
+    assert [r[2] for r in choices] == ["needs every variant"] * 5
+    assert choices[0][1].startswith("60.0") and choices[2][1] == generalisation.NOT_YET
+
+    protocol = generalisation.protocol_rows(lines)
+    assert [r[2] for r in protocol[:2]] == [generalisation.NOT_YET] * 2
+    assert protocol[2][-1] == "reported, not rerun" and protocol[2][2] == "89.8" and "352x352" in protocol[2][1]
+    assert protocol[0][1] == "128x128 px, no pretraining"  # the cpu profile's input size
+
+    texts = generalisation.glue_texts(lines)
+    assert texts["gen_c2k_syndiff_kvasir_test"].endswith("% Dice")
+    assert texts["gen_c2k_syndiff_kvasir_test_drop"] == "+30.0 Dice points"
+    assert texts["gen_c2k_syndiff_vs_c2k_baseline_kvasir_test"].startswith("+10.0 [")
+    assert texts["gen_c2k_syndiff_vs_c2k_baseline_kvasir_test_verdict"] == "better"
+    assert texts["gen_k2c_syndiff_clinicdb_all"] == texts["gen_exp1_syndiff_choice"] == generalisation.NOT_YET
+    assert texts["gen_pranet_syndiff_vs_pranet_baseline_clinicdb_test"] == generalisation.NOT_YET
+    assert all(re.fullmatch(r"[A-Za-z0-9_]+", key) for key in texts)  # what a book page can cite
+    points = generalisation.drop_points(lines)
+    assert {(p["key"], p["test"]) for p in points} == {(k, t) for k in ("c2k-syndiff", "c2k-baseline")
+                                                     for t in ("kvasir-seg:test", "kvasir-seg:all")}
+
+
+def test_the_choice_is_made_on_the_selection_set_and_shows_only_the_chosen_rows_test_dice(tmp_path):
+    for key, selection in (("c2k-syndiff", 0.6), ("c2k-syndiff-copypaste", 0.5), ("c2k-syndiff-photometric", 0.7)):
+        # The photometric row has the best selection Dice and the worst test Dice: it is chosen anyway.
+        test = 0.3 if key.endswith("photometric") else 0.5
+        fabricate_cell(tmp_path, key, C2K | {"kvasir-seg:train+val": selection, "kvasir-seg:test": test})
+    lines = generalisation.report(tmp_path)
+    rows = {r[0]: r for r in generalisation.choice_rows(lines, 1)}
+    chosen = rows["SynDiff + photometric augmentation"]
+    assert chosen[2] == "chosen" and chosen[3] == "30.0"
+    assert rows["SynDiff"][2] == "-" and rows["SynDiff"][3] == "-"
+    assert rows["Pixel U-Net"][2] == "needs every variant"
+    texts = generalisation.glue_texts(lines)
+    assert texts["gen_exp1_syndiff_choice"] == "c2k-syndiff-photometric"
+    assert texts["gen_exp1_baseline_choice"] == generalisation.NOT_YET
+
+
+def test_names_glue_keys_and_the_committed_first_look():
+    assert generalisation.set_name("cvc-clinicdb:train+val") == "ClinicDB train+val"
+    assert generalisation.short_key("c2k-syndiff-photometric") == "c2k_syndiff_photometric"
+    assert generalisation.short_key("cvc-clinicdb:train+val") == "clinicdb_trainval"
+    plan = generalisation.plan_rows()
+    assert len(plan) == len(generalisation.EXPERIMENTS)
+    assert all(len(r) == len(generalisation.PLAN_COLUMNS) for r in plan)
+    assert plan[0][3] == "ClinicDB" and plan[0][5] == "Kvasir-SEG train+val" and plan[-1][5] == "-"
+    assert plan[0][4] == "Kvasir-SEG test + all; ClinicDB test" and plan[-1][3] == "Kvasir-SEG + ClinicDB"
+    results = Path(__file__).resolve().parents[1] / "results" / "generalisation"
+    look = generalisation.read_first_look(results / "first-look" / "fold0-grid-models.json")
+    assert look["scores"][("syndiff", "kvasir-seg", "stretch")]["n"] == 1000
+    assert {fit for _, _, fit in look["scores"]} == {"stretch", "letterbox"} and look["what"] and look["code"]
+
+
+def test_chosen_frames_are_worst_median_best_by_dice_each_once():
+    picks = generalisation.chosen_frames({"dice": np.array([0.5, 0.1, 0.9, 0.1, 0.7])})
+    assert picks == [("worst", 1), ("worst 2", 3), ("median", 0), ("best", 2)]  # ties: the earlier frame first
+    assert generalisation.chosen_frames({"dice": np.array([0.2, 0.8])}) == [("worst", 0), ("worst 2", 1)]
+    assert generalisation.chosen_frames({"dice": np.array([0.4])}, n_worst=1) == [("worst", 0)]
+
+
+def test_the_other_data_set_is_found_beside_the_data_and_counted_by_profile(tmp_path):
+    (tmp_path / "cvc-clinicdb").mkdir()
+    assert generalisation.find_kvasir("toy") is None
+    assert generalisation.find_kvasir(tmp_path / "cvc-clinicdb") is None
+    (tmp_path / "kvasir-seg").mkdir()
+    assert generalisation.find_kvasir(tmp_path / "cvc-clinicdb") == tmp_path / "kvasir-seg"
+    assert generalisation.find_kvasir("toy", tmp_path / "kvasir-seg") == tmp_path / "kvasir-seg"
+    assert generalisation.find_kvasir("toy", tmp_path / "elsewhere") is None
+    assert generalisation.cross_frame_count("tiny", 1000) == 36
+    assert generalisation.cross_frame_count("cpu", 1000) == 1000
+    assert generalisation.cross_frame_count("tiny", 20) == 20 and generalisation.cross_frame_count("cpu", 1000, 5) == 5
+
+
+def test_a_runs_test_set_is_of_the_data_it_was_trained_on(tmp_path):
+    data.save_split(data.build_split("toy"), tmp_path / "toy-run" / "split.json")
+    home, ids = generalisation.run_test_set(tmp_path / "toy-run", "../somewhere/cvc-clinicdb")
+    assert home == "toy" and ids == data.build_split("toy")["test"]
+    clinicdb = clinicdb_like(tmp_path / "cvc-clinicdb", last=30)
+    split = data.build_split(clinicdb) | {"data": "../moved/cvc-clinicdb"}  # recorded from another folder
+    data.save_split(split, tmp_path / "run" / "split.json")
+    assert generalisation.run_test_set(tmp_path / "run", clinicdb) == (str(clinicdb), split["test"])
+    with pytest.raises(ValueError, match="was trained on ../moved/cvc-clinicdb"):
+        generalisation.run_test_set(tmp_path / "run", "toy")
+
+
+def test_the_sets_scored_are_the_runs_test_frames_then_kvasir_or_a_simulated_shift(tmp_path):
+    data.save_split(data.build_split("toy"), tmp_path / "run" / "split.json")
+    sets, note = generalisation.frame_sets(tmp_path / "run", "toy", tmp_path / "artifacts", "tiny", seed=0, n=4)
+    assert list(sets) == ["toy test", "new toy frames", "shifted toy frames"]
+    assert sets["toy test"] == ("toy", data.build_split("toy")["test"])
+    assert sets["new toy frames"][1] == sets["shifted toy frames"][1] == [f"toy_{i:03d}" for i in range(4)]
+    assert "Kvasir-SEG is absent" in note and "seed 1" in note and "trained on the toy dataset" in note
+    ids = fake_kvasir_ids(40)
+    kvasir = kvasir_like(tmp_path / "kvasir-seg", ids)
+    sets, note = generalisation.frame_sets(tmp_path / "run", "toy", tmp_path / "artifacts", "tiny", kvasir=kvasir)
+    assert list(sets) == ["toy test", "Kvasir-SEG"]
+    assert sets["Kvasir-SEG"] == (kvasir, sorted(ids, key=data.natural_key)[:36])  # 36 at tiny, in id order
+    assert note.startswith("Kvasir-SEG found: 36 of its 40 frames")
+
+
+@pytest.fixture
+def frames(tmp_path) -> Path:
+    """Five frames of three sizes, none square, with box masks."""
+    for i, size in enumerate([(48, 20), (24, 16), (40, 30), (48, 20), (24, 16)]):
+        write_pair(tmp_path / "frames", f"f{i}.jpg", f"f{i}.png", size=size)
+    return tmp_path / "frames"
+
+
+def test_scoring_in_chunks_is_scoring_at_once_and_the_shown_masks_are_the_scored_ones(frames, tiny_pipe):
+    profile = get_profile("tiny")
+    profile.train.image_size = 32
+    torch.manual_seed(0)
+    baseline = BaselinePipeline(build_baseline_unet(profile), profile)  # random weights: no noise in its output
+    ids = ["f3", "f0", "f4", "f1", "f2"]  # not in id order: the caller's order is kept
+    summary, per_image = generalisation.score_frames(baseline, frames, ids, chunk=2)
+    whole_summary, whole = evaluate(baseline, data.load_dataset(frames, ids=ids))
+    assert list(per_image["id"]) == ids
+    order = [list(whole["id"]).index(i) for i in ids]
+    np.testing.assert_allclose(per_image["dice"], whole["dice"][order])
+    assert summary["n"] == 5 and summary["dice"] == pytest.approx(whole_summary["dice"])
+    assert generalisation.by_id(per_image) == pytest.approx(dict(zip(ids, per_image["dice"].tolist())))
+
+    # SynDiff draws noise per call: a frame shown again is predicted in its own chunk, as scored.
+    for fit in ("stretch", "letterbox"):
+        _, scored = generalisation.score_frames(tiny_pipe, frames, ids, seed=3, fit=fit, chunk=2)
+        wanted = [ids[i] for _, i in generalisation.chosen_frames(scored)]
+        shown = generalisation.predict_frames(tiny_pipe, frames, ids, wanted, seed=3, fit=fit, chunk=2)
+        assert list(shown) == wanted
+        for i, (sample, mask) in shown.items():
+            assert mask.shape == sample.mask.shape
+            assert dice_score(mask, sample.mask) == pytest.approx(scored["dice"][ids.index(i)])
+
+
+def test_fit_views_show_the_models_square_and_give_the_mask_back_at_the_frames_size(frames, tiny_pipe):
+    (sample,) = data.load_dataset(frames, ids=["f0"])  # 48 x 20
+    views = generalisation.fit_views(tiny_pipe, sample)
+    size = tiny_pipe.profile.train.image_size
+    assert set(views) == {"stretch", "letterbox"}
+    for view in views.values():
+        assert view["input"].shape == (size, size, 3) and view["input"].dtype == np.uint8
+        assert view["mask"].shape == (20, 48) and 0 <= view["dice"] <= 1
+    band = views["letterbox"]["input"][: size // 4]  # the black padding above the frame
+    assert band.max() <= 1 and views["stretch"]["input"][: size // 4].max() > 1
+    assert generalisation.widest(frames, ["f1", "f2", "f3", "f0"]) == "f3"  # 48 x 20, before f0 of the same size
+    assert generalisation.widest(frames, ["f2", "f4"]) == "f4"
+
+
+def test_the_simulated_shift_is_the_training_augmentation_scaled(tmp_path):
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # [B, 3, S, S]
+    same = generalisation.shift_images(x, torch.Generator().manual_seed(5), strength=1.0)
+    assert torch.equal(same, augment.photometric_augment(x, torch.Generator().manual_seed(5)))
+    assert torch.equal(generalisation.shift_images(x, torch.Generator().manual_seed(5), strength=0.0), x)
+    stronger = generalisation.shift_images(x, torch.Generator().manual_seed(5), strength=2.0)
+    assert stronger.shape == x.shape and stronger.min() >= -1 and stronger.max() <= 1
+
+    folder = generalisation.write_shifted_toy(tmp_path / "shifted", n=3, seed=1, strength=1.0, size=32)
+    again = generalisation.write_shifted_toy(tmp_path / "again", n=3, seed=1, strength=1.0, size=32)
+    toy = data.make_toy_dataset(3, 32, seed=1)
+    loaded = data.load_dataset(folder)
+    assert [s.id for s in loaded] == [s.id for s in toy]
+    for shifted, twin, original in zip(loaded, data.load_dataset(again), toy):
+        np.testing.assert_array_equal(shifted.image, twin.image)  # seeded
+        np.testing.assert_array_equal(shifted.mask, original.mask)  # the masks are the toy's
+        assert not np.array_equal(shifted.image, original.image)
+    plain = data.load_dataset(generalisation.write_shifted_toy(tmp_path / "plain", n=3, seed=1, strength=0.0, size=32))
+    np.testing.assert_array_equal(plain[0].image, toy[0].image)  # strength 0: new frames, the same look
+    wide = data.load_dataset(generalisation.write_shifted_toy(tmp_path / "wide", n=2, seed=1, aspect=4 / 3, size=32))
+    assert wide[0].image.shape == (24, 32, 3) and wide[0].mask.shape == (24, 32)
+    np.testing.assert_array_equal(wide[0].mask, toy[0].mask[4:28])  # cut about the centre
