@@ -7,9 +7,9 @@
     python scripts/run_notebooks.py --profile cpu --in-place       # rewrite notebooks/ (make publish)
 
 By default nothing tracked is written: the book's sources (_config.yml, _toc.yml,
-references.bib, book/) are copied into the output folder (_build/book/ unless ``--out`` says
-otherwise) and the executed notebooks are written to OUT/notebooks/, so
-``jupyter-book build OUT -W`` works on the copy. Only ``--in-place`` rewrites the committed
+references.bib, book/ with its drawn figures in book/figures/) are copied into the output
+folder (_build/book/ unless ``--out`` says otherwise) and the executed notebooks are written to
+OUT/notebooks/, so ``jupyter-book build OUT -W`` works on the copy. Only ``--in-place`` rewrites the committed
 notebooks, which carry the published run. Results pass from one notebook to the next only
 through the artifacts folder, OUT/artifacts/<profile> by default.
 
@@ -35,7 +35,9 @@ import papermill
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "_build" / "book"  # git-ignored: `make book` writes here, never to tracked files
-BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")  # copied next to the executed notebooks
+# Copied next to the executed notebooks; "book" whole, with book/figures/ (scripts/draw_figures.py
+# draws them, the pages show them), so that a build folder holds every file a page references.
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
 RUN_INFO_TAG = "run-info"  # the note this script writes; replaced on every run
 
 
@@ -113,6 +115,7 @@ def scrub_paths(nb, book: Path) -> None:
 
 
 def copy_book_sources(out: Path) -> None:
+    """Copy BOOK_SOURCES into ``out``; a folder (book/, with book/figures/) replaces its old copy."""
     for name in BOOK_SOURCES:
         source, target = REPO / name, out / name
         if not source.exists():

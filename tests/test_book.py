@@ -1,10 +1,12 @@
-"""The book: notebook structure, committed outputs, glue references, and a warning-free build.
+"""The book: notebook structure, committed outputs, glue references, no typed numbers in the
+prose, the publishing workflow, and a warning-free build.
 
 Fast tests read the committed files, and check that scripts/run_notebooks.py writes outside
 the committed notebooks unless told --in-place. `test_committed_book_builds_without_warnings`
-builds the book from the committed notebooks (seconds, no execution). The slow test executes
-all seven notebooks in the tiny profile on the toy dataset into a temporary copy (minutes) and
-builds that copy with -W: what CI runs, without rewriting tracked files.
+builds the book from the committed notebooks (seconds, no execution), as the publishing
+workflow (.github/workflows/book.yml) does. The slow test executes every notebook in the tiny
+profile on the toy dataset into a temporary copy (minutes) and builds that copy with -W: what
+CI runs, without rewriting tracked files.
 """
 
 import ast
@@ -67,8 +69,8 @@ def check_executed_notebook(path: Path) -> None:
 # ---- structure -------------------------------------------------------------------------------
 
 
-def test_seven_ordered_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+def test_eight_ordered_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -149,6 +151,187 @@ def test_book_glue_references_name_keys_the_notebooks_glue():
     assert not missing, missing
 
 
+def test_book_figures_exist():
+    """Every figure a page shows is a file in the repository (drawn by scripts/draw_figures.py)."""
+    missing = [f"{page.name}: {path}" for page in BOOK_PAGES
+               for path in re.findall(r"^```\{figure\} (\S+)", page.read_text(), re.M)
+               if not (page.parent / path).exists()]
+    assert not missing, missing
+
+
+# ---- numbers in the prose --------------------------------------------------------------------
+# A number of ours on a book page is glued from an executed notebook, never typed: a typed one
+# goes stale the day a notebook is rerun. The paper's own numbers are the exception, and each
+# page lists the ones it quotes, with where in the paper they are from. The list is per page:
+# a number allowed on the page that quotes the paper's Table 1 is not allowed anywhere else.
+PAPER_NUMBERS = {
+    "intro.md": {
+        "96.0": "Abstract and Table 1: SynDiff's Dice on CVC-ClinicDB",
+    },
+    "reproducing.md": {
+        "96.0": "Table 1 and Table 2: SynDiff's Dice (+ Text-guided augmentation)",
+        "92.9": "Table 1: SynDiff's IoU",
+        "0.3": "Table 1: the std of SynDiff's Dice over 5 folds",
+        "0.5": "Table 1: the std of SynDiff's IoU",
+        "7.2": "Table 1: SynDiff's HD95 (mm)",
+        "1.1": "Table 1: the std of SynDiff's HD95",
+        "91.1": "Table 1: SynDiff's NSD",
+        "1.0": "Table 1: the std of SynDiff's NSD",
+        "96.1": "Table 2: + Multi-step inference (T = 50), Dice",
+        "2.3": "Sec. 4.4: text-guided augmentation gives +2.3 % Dice",
+        "93.7": "Tables 2 and 3: Baseline (real data only) / None, Dice",
+        "94.8": "Tables 2 and 3: traditional augmentation, Dice",
+        "95.2": "Table 2: frozen vision encoder; Table 3: GAN-based, Dice",
+        "94.1": "Table 3: Text-guided (20), Dice",
+        "95.1": "Table 3: Text-guided (50), Dice",
+        "95.6": "Table 3: Text-guided (200), Dice",
+        "0.8": "Sec. 4.4: the trainable encoder gives +0.8 % over frozen",
+        "95.4": "Table 2: noise loss only, Dice",
+        "0.08": "Table 4: SynDiff's inference time (s)",
+        "1.8": "Table 4: Diff-Trans's inference time (s)",
+    },
+    "metrics.md": {
+        "96.0": "Table 1: SynDiff's Dice",
+        "92.9": "Table 1: SynDiff's IoU",
+        "96.1": "Table 2: + Multi-step inference (T = 50), Dice",
+    },
+    "single-step.md": {
+        "96.0": "Table 2: one step, Dice",
+        "96.1": "Table 2: + Multi-step inference (T = 50), Dice",
+    },
+}
+PAPER_TEXT = REPO.parent / "shared" / "paper" / "syndiff-paper.txt"  # beside the checkout, where there is one
+
+# Directives whose body is prose (checked); every other fenced block is code or data (not checked).
+PROSE_DIRECTIVES = {"figure", "note", "warning", "tip", "important", "caution", "attention", "danger", "error",
+                    "hint", "seealso", "admonition", "margin", "sidebar", "epigraph", "dropdown", "topic",
+                    "list-table", "table", "card", "tab-item"}
+FENCE = re.compile(r"^\s*(`{3,}|~{3,}|:{3,})\s*(?:\{([\w:-]+)\})?")
+OPTION_LINE = re.compile(r"^\s*:[\w-]+:")  # a directive's option, e.g. ":width: 80%"
+NOT_PROSE = [  # spans that are not prose numbers, in the order they are blanked out
+    re.compile(r"\$\$.*?\$\$", re.S),  # display math
+    re.compile(r"\\begin\{(\w+\*?)\}.*?\\end\{\1\}", re.S),  # amsmath environments
+    re.compile(r"\$[^$\n]+(?:\n[^$\n]+)*?\$"),  # inline math
+    re.compile(r"\{[\w:.-]+\}(`+).*?\1", re.S),  # roles: {glue:text}, {cite}, {doc}, ...
+    re.compile(r"(`+).+?\1", re.S),  # code
+    re.compile(r"<!--.*?-->", re.S),  # comments
+    re.compile(r"\]\([^)\s]*\)"),  # link targets
+    re.compile(r"<?https?://[^\s>)]+>?"),  # addresses
+    re.compile(r"[\w./-]*\w\.(?:svg|png|jpe?g|gif|ipynb|md|json|jsonl|ya?ml|py|txt|bib|mp4|csv|safetensors|onnx|"
+               r"html|sh|tiff?|zip)\b"),  # file names
+    re.compile(r"\b(?:Sec|Secs|Section|Sections|§|Eq|Eqs|Equation|Equations|Fig|Figs|Figure|Figures|Table|Tables|"
+               r"Appendix|Chapter)\.?\s*\d+(?:\.\d+)*(?:\s*(?:,|and|&|–|-|to)\s*\d+(?:\.\d+)*)*"),  # "Sec. 4.1, 4.2"
+    re.compile(r"^#{1,6}[ \t]+\d+(?:\.\d+)*\.?(?=\s)", re.M),  # a heading's own section number
+    re.compile(r"\bv\d+(?:\.\d+)+\b"),  # versions, written v1.5
+    re.compile(r"\b(?:19|20)\d\d\b"),  # years
+]
+DECIMAL = re.compile(r"(?<![\w.])\d*\.\d+(?:\.\d+)*(?!\w)")
+
+
+def _blank(match: re.Match) -> str:
+    return re.sub(r"[^\n]", " ", match.group(0))  # same length, same lines: line numbers stay right
+
+
+def prose_of(text: str) -> str:
+    """The page's prose: fenced code and data blocks, directive options, math, roles (glue,
+    citations, cross-references), code, links, file names, section numbers, versions and
+    years blanked out (see bare_numbers)."""
+    lines, fences = [], []  # fences: the open blocks, (fence, is prose)
+    for line in text.split("\n"):
+        m = FENCE.match(line)
+        stripped = line.strip()
+        if fences and m and m.group(2) is None and stripped == stripped[0] * len(stripped) \
+                and stripped[0] == fences[-1][0][0] and len(stripped) >= len(fences[-1][0]):
+            fences.pop()  # the block closes
+            lines.append("")
+            continue
+        inside_code = any(not prose for _, prose in fences)
+        if m and not inside_code:
+            fences.append((m.group(1), (m.group(2) or "") in PROSE_DIRECTIVES))
+            lines.append("")  # the fence line: a directive's name and argument (a file name)
+        elif inside_code or (fences and OPTION_LINE.match(line)):
+            lines.append("")
+        else:
+            lines.append(line)
+    prose = "\n".join(lines)
+    for pattern in NOT_PROSE:
+        prose = pattern.sub(_blank, prose)
+    return prose
+
+
+def bare_numbers(text: str) -> list[tuple[int, str]]:
+    """(line, number) for every bare decimal number in a book page's prose.
+
+    A bare decimal number is one with a decimal point (``25.7``, ``0.08``, ``.5``) written in
+    the prose itself: in paragraphs, headings, lists, tables and the captions and bodies of
+    prose directives (figures, notes, admonitions). These are what results look like, and a
+    result typed by hand is how a page comes to disagree with its notebooks. Not prose
+    numbers: anything in a ``{glue:...}`` role (pasted from a notebook) or any other role
+    (``{cite}``, ``{doc}``, ``{numref}``), math (``$...$``, ``$$...$$``, amsmath), code spans
+    and fenced code or data blocks (``{glue}``, ``{bibliography}``, code), directive options
+    (``:width: 80%``), link targets and addresses, file names (``fig2.png``), references to
+    the paper's sections, equations, figures and tables (``Sec. 4.1, 4.2``, ``Table 2``), a
+    heading's own section number, versions written ``v1.5`` and years. Integers are counts,
+    sizes and settings (5 folds, 612 frames, 50 steps, 256 × 256), not checked. A number
+    with more than one point (``4.1.2``) is a section or a version, not checked.
+    """
+    found = []
+    for number, line in enumerate(prose_of(text).split("\n"), start=1):
+        found += [(number, m.group(0)) for m in DECIMAL.finditer(line) if m.group(0).count(".") == 1]
+    return found
+
+
+def test_bare_numbers_finds_typed_results_and_nothing_else():
+    page = """# Results
+
+Our Dice is 25.7 %, IoU .61; see Sec. 4.1, 4.2 and Table 2 (Eq. 3), SD v1.5, 2024, 5 folds.
+Pasted: {glue:text}`../notebooks/05_evaluation.ipynb::test_dice:.1%`, math $t = 0.5$, code `0.18215`,
+[a link](https://example.org/v/1.5) and `fig2.png`, {cite}`syndiff`.
+
+```{figure} figures/architecture.svg
+:width: 80.5%
+
+A caption with 3.14 in it.
+```
+
+```python
+x = 0.25
+```
+
+$$
+\\alpha = 0.9
+$$
+"""
+    assert bare_numbers(page) == [(3, "25.7"), (3, ".61"), (10, "3.14")]
+
+
+@pytest.mark.parametrize("page", BOOK_PAGES, ids=lambda p: p.name)
+def test_book_page_has_no_bare_decimal_numbers(page):
+    """Every decimal number in a page's prose is glued, or is one the page quotes from the paper."""
+    allowed = PAPER_NUMBERS.get(page.name, {})
+    lines = page.read_text().split("\n")
+    typed = [f"{page.name}:{n}: {number} in {lines[n - 1].strip()!r}" for n, number in bare_numbers(page.read_text())
+             if number not in allowed]
+    assert not typed, "typed numbers (glue them from a notebook, or list the paper's in PAPER_NUMBERS):\n" + \
+        "\n".join(typed)
+
+
+def test_paper_numbers_are_quoted_where_listed_and_are_the_papers():
+    """Each listed number appears bare on its page (an unused entry would let a number in
+    unnoticed) and, where the paper's text is beside the checkout, in the paper."""
+    unused = [f"{name}: {number}" for name, numbers in PAPER_NUMBERS.items() for number in numbers
+              if not (REPO / "book" / name).exists()
+              or number not in {n for _, n in bare_numbers((REPO / "book" / name).read_text())}]
+    assert not unused, f"listed in PAPER_NUMBERS but not on the page: {unused}"
+    if not PAPER_TEXT.exists():
+        pytest.skip("the paper's text is not beside this checkout")
+    paper = PAPER_TEXT.read_text()
+    not_in_paper = [f"{name}: {number} ({source})" for name, numbers in PAPER_NUMBERS.items()
+                    for number, source in numbers.items()
+                    if not re.search(rf"(?<![\d.]){re.escape(number)}(?![\d])", paper)]
+    assert not not_in_paper, f"not the paper's numbers: {not_in_paper}"
+
+
 # ---- the runner writes outside the committed notebooks ---------------------------------------
 
 
@@ -172,6 +355,29 @@ def test_runner_writes_a_build_folder_by_default_and_the_notebooks_only_in_place
             run.output_dir(run.parse_args(["--out", str(out)]))
     with pytest.raises(SystemExit):
         run.parse_args(["--in-place", "--out", str(tmp_path)])
+
+
+def test_runner_copies_the_book_sources_with_their_figures(tmp_path):
+    """A build folder gets every file of book/ (the pages and book/figures/), _config.yml,
+    _toc.yml and references.bib, so `jupyter-book build OUT` finds what the pages reference."""
+    runner().copy_book_sources(tmp_path)
+    expected = [p.relative_to(REPO) for p in (REPO / "book").rglob("*") if p.is_file()]
+    assert [p for p in expected if not (tmp_path / p).is_file()] == []
+    assert any(p.parts[:2] == ("book", "figures") for p in expected), "book/figures/ holds the drawn figures"
+    for name in ("_config.yml", "_toc.yml", "references.bib"):
+        assert (tmp_path / name).read_bytes() == (REPO / name).read_bytes()
+
+
+def test_publishing_workflow_builds_the_committed_notebooks_without_executing_them():
+    """The GitHub Pages workflow publishes what the committed notebooks hold: it builds the book
+    from the repository (execute_notebooks is off) and never runs papermill or `make book`."""
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "book.yml").read_text())
+    steps = [step for job in workflow["jobs"].values() for step in job.get("steps", [])]
+    commands = "\n".join(step.get("run", "") for step in steps)
+    assert "jupyter-book build . -W" in commands
+    assert "run_notebooks" not in commands and "make book" not in commands and "papermill" not in commands
+    assert any(step.get("uses", "").startswith("actions/deploy-pages") for step in steps)
+    assert config()["execute"]["execute_notebooks"] == "off"
 
 
 def test_default_build_folder_is_ignored_by_git():
@@ -232,4 +438,4 @@ def test_tiny_book_executes_and_builds_without_warnings(tmp_path):
     assert result.returncode == 0 and "WARNING" not in log, log[-3000:]
     assert not (REPO / "notebooks" / "artifacts").exists()
     times = json.loads((out / "artifacts" / "tiny" / "run_notebooks.json").read_text())
-    assert len(times["seconds"]) == 7
+    assert len(times["seconds"]) == len(NOTEBOOKS)
