@@ -3,13 +3,16 @@
 Taught in notebook 07 (efficiency). What we measure, on preprocessed input tensors:
 
     encoder_s  one E_phi forward        decoder_s  one D forward
-    unet_s     one U-Net forward        floor_s    = encoder_s + unet_s + decoder_s
+    unet_s     one U-Net forward        parts_sum_s = encoder_s + unet_s + decoder_s
     latency_s[T] the whole segmentation with T U-Net steps (encode once, decode once)
 
-From the parts, T steps can at best be (E + D + T f) / (E + D + f) times slower than one
-step: that "ceiling" is what the paper's "T x speedup" becomes once the encoder and decoder
-are counted. ``overhead`` = latency_s[1] / floor_s shows what the single-step code adds to
-the three bare forwards. On a GPU, times come from CUDA events after a warm-up.
+From the parts, T steps should take (E + D + T f) / (E + D + f) times as long as one step
+(``speedup_predicted``): what the paper's "T x speedup" becomes once the encoder and decoder
+are counted. It is a prediction from parts timed one by one, not a bound: a part timed alone
+can run slower or faster than inside the whole (caches, memory reuse), so a measured speedup
+may land on either side of it. ``whole_over_parts`` = latency_s[1] / parts_sum_s compares the
+single step with its three bare forwards the same way. On a GPU, times come from CUDA events
+after a warm-up.
 
 :func:`speed_options` then asks how fast the single step can go on real frames, batch 1,
 pre- and post-processing included: each option of :data:`SPEED_OPTIONS` (bf16, channels-last,
@@ -69,7 +72,7 @@ def benchmark(pipe, steps=(1, 50, 100), batch_size: int = 1, warmup: int = 2, re
         "unet_s": _timer(device, lambda: unet_forward(pipe.unet, image_latent, image_latent, timesteps), warmup, repeats),
         "decoder_s": _timer(device, lambda: pipe.decode(image_latent), warmup, repeats),
     }
-    floor_s = sum(parts.values())
+    parts_sum_s = sum(parts.values())
     latency = {}
     for num_steps in steps:
         few = max(1, min(repeats, 3)) if num_steps > 10 else repeats  # long runs need fewer repeats
@@ -84,10 +87,10 @@ def benchmark(pipe, steps=(1, 50, 100), batch_size: int = 1, warmup: int = 2, re
         "latency_s": latency,
         "latency_per_image_s": {k: v / batch_size for k, v in latency.items()},
         "speedup": {k: v / one for k, v in latency.items()},
-        "speedup_ceiling": {k: (codec + int(k) * parts["unet_s"]) / (codec + parts["unet_s"]) for k in latency},
+        "speedup_predicted": {k: (codec + int(k) * parts["unet_s"]) / (codec + parts["unet_s"]) for k in latency},
         "components": parts,
-        "floor_s": floor_s,
-        "overhead": one / floor_s,
+        "parts_sum_s": parts_sum_s,
+        "whole_over_parts": one / parts_sum_s,
         "threads": torch.get_num_threads(),
     }
 

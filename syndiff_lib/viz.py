@@ -258,7 +258,8 @@ def _difference(line: dict, reference: str | None) -> tuple[str, str]:
                 line["verdict"])
     if line.get("note"):
         return "-", line["note"]
-    if line.get("key") == line.get("against", reference) and line.get("key") is not None:
+    is_reference = line.get("key") == line.get("against", reference) and line.get("steps", 1) == 1
+    if is_reference and line.get("key") is not None:  # the reference model at another step count is a row
         return "reference", "-"
     return "-", f"not yet ({line['cells']} of {line['of']} cells)"
 

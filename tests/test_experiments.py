@@ -202,3 +202,20 @@ def test_a_row_is_compared_with_the_row_it_names(tmp_path):
     assert "diff" not in lines["baseline"] and "diff" not in lines["syndiff"]  # references, not compared with another row
     table_rows = {row[0]: row for row in viz.grid_table_rows(list(lines.values()), spec["reference"])}
     assert table_rows["Pixel U-Net (equal budget)"][6] == "reference"
+
+
+def test_only_runs_the_named_cells_and_an_unknown_name_fails_before_any_work(tmp_path, clinicdb_like):
+    out = tmp_path / "grid"
+    cells = experiments.grid_cells(experiments.grid_spec("smoke"))
+    with pytest.raises(ValueError, match="has no cell real/fold9-seed0"):
+        experiments.run_grid("smoke", clinicdb_like, out, TINY_BUDGET, log=lambda *_: None, only=["real/fold9-seed0"])
+    assert not out.exists() or not any(out.rglob("cell.json"))
+    state = experiments.run_grid("smoke", clinicdb_like, out, TINY_BUDGET, log=lambda *_: None, only=[cells[0].name])
+    assert state["done"] == 1 and (cells[0].folder(out) / "cell.json").exists()
+
+
+def test_table2_read_against_its_full_model_trains_nothing_new():
+    full = experiments.grid_spec("table2_vs_full")
+    assert full["reference"] == "text100"
+    table2 = {c.folder("g") for c in experiments.grid_cells(experiments.grid_spec("table2"))}
+    assert {c.folder("g") for c in experiments.grid_cells(full)} <= table2

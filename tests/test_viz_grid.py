@@ -89,3 +89,10 @@ def test_one_fold_shows_no_spread():
            "iou_std": 0.0, "hd95": 70.0, "hd95_std": 0.0, "nsd": 0.2, "nsd_std": 0.0}
     row = viz.grid_table_rows([one], "r")[0]
     assert row[2] == "62.0 (1 fold)" and "±" not in " ".join(map(str, row[2:6]))
+
+
+def test_the_reference_model_at_another_step_count_is_a_row_not_the_reference():
+    one = {"row": "+ synthetic", "key": "text100", "steps": 1, "cells": 5, "of": 5, "against": "text100"}
+    fifty = one | {"row": "+ multi-step (T = 50)", "steps": 50, "cells": 3}
+    assert viz._difference(one, "text100") == ("reference", "-")
+    assert viz._difference(fifty, "text100") == ("-", "not yet (3 of 5 cells)")
