@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,19 @@ DEFAULT_OUT = REPO / "_build" / "book"  # git-ignored: `make book` writes here, 
 # draws them, the pages show them), so that a build folder holds every file a page references.
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
 RUN_INFO_TAG = "run-info"  # the note this script writes; replaced on every run
+
+
+def commit() -> str:
+    """The repository's commit, short, with "+changes" if the checkout differs from it: read
+    once, before the first notebook runs (an in-place run rewrites the notebooks as it goes)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+changes" if head and git("status", "--porcelain") else "")
 
 
 def hardware() -> str:
@@ -66,7 +80,7 @@ def run_info_cell(nb, params: dict, machine: str) -> nbformat.NotebookNode:
         "```{note}\n"
         f"**How this page was made.** Executed with papermill on {started} UTC in {seconds:.0f} s: "
         f"profile **{params['profile']}**, data {describe_data(params['data'])}, seed {params['seed']}, "
-        f"device {params['device']}, on {machine}. "
+        f"device {params['device']}, on {machine}, at commit `{params['commit']}`. "
         f"Every number and figure below comes from that run; `make book PROFILE=... SYNDIFF_DATA=...` "
         "reruns it (see the introduction).\n"
         "```"
@@ -215,7 +229,7 @@ def main(argv=None) -> int:
     if args.artifacts:
         parameters["artifacts"] = str(Path(args.artifacts).resolve())
     extra = dict(parse_param(p) for p in args.param)
-    info = parameters | {"data": data}
+    info = parameters | {"data": data, "commit": commit()}
     machine = hardware()
     print(f"profile {args.profile}, data {data or 'toy'}, out {out}\nhardware: {machine}", flush=True)
 
@@ -239,7 +253,7 @@ def main(argv=None) -> int:
         print(f"{times[source.name]:.0f} s", flush=True)
 
     total = time.time() - start
-    summary = {"profile": args.profile, "data": data or "toy", "hardware": machine, "seconds": times,
+    summary = {"profile": args.profile, "data": data or "toy", "commit": info["commit"], "hardware": machine, "seconds": times,
                "total_seconds": round(total, 1), "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     artifacts = Path(args.artifacts) if args.artifacts else out / "artifacts" / args.profile
     artifacts.mkdir(parents=True, exist_ok=True)

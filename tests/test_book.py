@@ -59,7 +59,9 @@ def check_executed_notebook(path: Path) -> None:
     assert not errors, f"{path.name}: error output {errors[0].get('ename')}: {errors[0].get('evalue')}"
     notes = [c for c in nb.cells if "run-info" in tags(c)]
     assert len(notes) == 1 and "profile" in notes[0].source, f"{path.name}: no 'How this page was made' note"
-    stray = [c.source[:60] for c in nb.cells if c.cell_type == "code" and "remove-output" not in tags(c)
+    assert "at commit `" in notes[0].source, f"{path.name}: the note does not say which commit made the page"
+    hidden = ("remove-output", "remove-cell")  # either keeps a widget out of the static book
+    stray = [c.source[:60] for c in nb.cells if c.cell_type == "code" and not set(hidden) & set(tags(c))
              and any(WIDGET_VIEW in o.get("data", {}) for o in c.outputs)]
     assert not stray, f"{path.name}: widget output (progress bar?) in a cell the book shows: {stray}"
     assert "widgets" not in nb.metadata, f"{path.name}: saved widget state"
