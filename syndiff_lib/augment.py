@@ -144,12 +144,17 @@ def jpeg_artefacts(x: torch.Tensor, generator: torch.Generator, quality: tuple[i
     return out
 
 
-def photometric_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def photometric_augment(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """Images only, in the order a frame is made: the light (colour jitter), the optics (blur),
-    the codec (JPEG). Returns a new tensor [B, 3, S, S] in [-1, 1]; masks need no change."""
-    x = colour_jitter(x, generator)
-    x = gaussian_blur(x, generator)
-    return jpeg_artefacts(x, generator)
+    the codec (JPEG). Returns a new tensor [B, 3, S, S] in [-1, 1]; masks need no change.
+    ``strength`` scales the colour spreads and the blur and JPEG probabilities (at most 1):
+    1 is the training augmentation, 0 changes nothing (notebook 08's simulated shift)."""
+    if strength == 0:
+        return x.clone()
+    x = colour_jitter(x, generator, brightness=BRIGHTNESS * strength, contrast=CONTRAST * strength,
+                      saturation=SATURATION * strength, hue=HUE * strength)
+    x = gaussian_blur(x, generator, probability=min(1.0, BLUR_PROBABILITY * strength))
+    return jpeg_artefacts(x, generator, probability=min(1.0, JPEG_PROBABILITY * strength))
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *, flip: bool,

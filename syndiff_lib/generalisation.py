@@ -703,7 +703,7 @@ def predict_frames(pipe, data, ids, wanted, seed: int = 0, fit: str = "stretch",
     """{id: (sample, predicted mask [H, W])} for the ``wanted`` ids among ``ids``, made as
     :func:`score_frames` made them (the same chunks, the same noise), so each mask is the one its
     score was computed on; only the chunks holding a wanted id are run again."""
-    from .pipeline import letterbox, segment, unletterbox
+    from .pipeline import predict_native
 
     found = {}
     for start in range(0, len(ids), chunk):
@@ -711,12 +711,8 @@ def predict_frames(pipe, data, ids, wanted, seed: int = 0, fit: str = "stretch",
         if not set(part) & set(wanted):
             continue
         samples = sorted(data_lib.load_dataset(data, ids=part, check=False), key=lambda s: part.index(s.id))
-        images, boxes = [s.image for s in samples], None
-        if fit == "letterbox":
-            images, boxes = letterbox(images)
-        masks = segment(pipe, images, seed=seed).masks
-        masks = list(masks) if boxes is None else unletterbox(masks, boxes)
-        found |= {s.id: (s, np.asarray(m)) for s, m in zip(samples, masks) if s.id in wanted}
+        masks = predict_native(pipe, [s.image for s in samples], seed=seed, fit=fit)
+        found |= {s.id: (s, m) for s, m in zip(samples, masks) if s.id in wanted}
     return {i: found[i] for i in wanted}
 
 
@@ -752,15 +748,14 @@ def fit_views(pipe, sample, seed: int = 0) -> dict[str, dict]:
     {fit: {"input": uint8 [S, S, 3] (what the model sees), "mask": bool [H, W] (the prediction
     at the frame's own size), "dice": its Dice}} for "stretch" and "letterbox" (notebook 08)."""
     from .metrics import dice_score
-    from .pipeline import FITS, images_to_tensor, letterbox, segment, unletterbox
+    from .pipeline import FITS, images_to_tensor, letterbox, predict_native
 
     size, views = pipe.profile.train.image_size, {}
     for fit in FITS:
-        (image,), (box,) = letterbox([sample.image]) if fit == "letterbox" else ([sample.image], (None,))
+        image = letterbox([sample.image])[0][0] if fit == "letterbox" else sample.image
         pixels = images_to_tensor(image, size)[0]  # [3, S, S] in [-1, 1]
         seen = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # [S, S, 3]
-        mask = segment(pipe, [image], seed=seed).masks[0]  # [L, L] or [H, W]: the input's size
-        mask = unletterbox([mask], [box])[0] if box is not None else np.asarray(mask)  # [H, W]
+        mask = predict_native(pipe, [sample.image], seed=seed, fit=fit)[0]  # [H, W]
         views[fit] = {"input": seen, "mask": mask, "dice": dice_score(mask, sample.mask)}
     return views
 
@@ -781,18 +776,11 @@ def widest(data, ids) -> str:
 
 # --- notebook 08 without Kvasir-SEG: a simulated domain shift of the toy data ---------------------
 def shift_images(x, generator, strength: float = 1.0):
-    """augment.photometric_augment's changes (colour, blur, JPEG, in that order) with the colour
-    spreads times ``strength`` and the blur and JPEG probabilities times ``strength`` (at most 1).
-    strength 1 is the training augmentation exactly; 0 changes nothing. x: [B, 3, S, S] in [-1, 1]."""
+    """The simulated shift: :func:`augment.photometric_augment` at ``strength`` (1: the training
+    augmentation exactly; 0 changes nothing). x: [B, 3, S, S] in [-1, 1]."""
     from . import augment
 
-    if strength == 0:
-        return x.clone()
-    x = augment.colour_jitter(x, generator, brightness=augment.BRIGHTNESS * strength,
-                              contrast=augment.CONTRAST * strength, saturation=augment.SATURATION * strength,
-                              hue=augment.HUE * strength)
-    x = augment.gaussian_blur(x, generator, probability=min(1.0, augment.BLUR_PROBABILITY * strength))
-    return augment.jpeg_artefacts(x, generator, probability=min(1.0, augment.JPEG_PROBABILITY * strength))
+    return augment.photometric_augment(x, generator, strength)
 
 
 def write_shifted_toy(dest, n: int, seed: int, strength: float = 1.0, aspect: float | None = None,

@@ -408,6 +408,19 @@ def segment_files(pipe, files, out_dir: Path, num_inference_steps: int = 1, t_in
     return written
 
 
+def predict_native(pipe, images, num_inference_steps: int = 1, t_infer: int | None = None, seed: int = 0,
+                   fit: str = "stretch") -> list[np.ndarray]:
+    """The bool masks [H, W] of ``images`` at each image's own size: each frame made square by
+    ``fit`` ("stretch" or "letterbox", :func:`segment_files`), segmented in one call of
+    :func:`segment`, and the mask taken back to the frame (for a letterbox, its padding cut off)."""
+    check_fit(fit)
+    boxes = None
+    if fit == "letterbox":
+        images, boxes = letterbox(images)
+    out = segment(pipe, images, num_inference_steps, t_infer, seed, output_size="input")
+    return [np.asarray(m) for m in out.masks] if boxes is None else unletterbox(out.masks, boxes)
+
+
 def evaluate(
     pipe,
     samples,
@@ -423,12 +436,7 @@ def evaluate(
 
     Returns (summary, per_image): summary has the means, *_std and n (see metrics.summarize).
     """
-    check_fit(fit)
-    images, boxes = [s.image for s in samples], None
-    if fit == "letterbox":
-        images, boxes = letterbox(images)
-    out = segment(pipe, images, num_inference_steps, t_infer, seed, output_size="input")
-    preds = list(out.masks) if boxes is None else unletterbox(out.masks, boxes)  # [H, W] each
+    preds = predict_native(pipe, [s.image for s in samples], num_inference_steps, t_infer, seed, fit)  # [H, W] each
     targets = [s.mask for s in samples]  # [H, W] each
     tolerance = DEFAULT_NSD_TOLERANCE_PX if nsd_tolerance_px is None else nsd_tolerance_px
     per_image = {}
