@@ -308,7 +308,8 @@ def cmd_experiment(args) -> int:
         budget = experiments.GridBudget(**{k: getattr(args, k) for k in ("syndiff_steps", "baseline_steps")
                                            if getattr(args, k) is not None})
         only = args.only.split(",") if args.only else None
-        state = experiments.run_grid(args.grid, args.data or default_data(), args.out, budget, only=only)
+        folds = [int(k) for k in args.folds.split(",")] if args.folds else None
+        state = experiments.run_grid(args.grid, args.data or default_data(), args.out, budget, only=only, folds=folds)
     elif args.action == "status":
         state = experiments.status(args.grid, args.out)
     else:
@@ -620,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-steps", type=int, default=None, help="steps per baseline cell (default: GridBudget's)")
     p.add_argument("--only", default=None, metavar="CELL[,CELL]",
                    help="with run: only these cells, named <row>/fold<k>-seed<s> (e.g. real/fold0-seed0)")
+    p.add_argument("--folds", default=None, metavar="K[,K]", help="with run: only the cells of these folds (e.g. 0)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_experiment)
 

@@ -313,11 +313,13 @@ def run_cell(cell: Cell, spec: dict, data, out: Path, budget: GridBudget, log=pr
         release_cell(folder)
 
 
-def run_grid(name: str, data, out, budget: GridBudget | None = None, log=print, only=None) -> dict:
+def run_grid(name: str, data, out, budget: GridBudget | None = None, log=print, only=None, folds=None) -> dict:
     """Run every cell of a grid that is not done and not held by another process; a second
     pass picks up the cells that reuse a model trained in the first. ``only``: the names of
     the cells to run (``<row>/fold<k>-seed<s>``, :attr:`Cell.name`), e.g. to rerun one cell
-    after deleting its folder. Returns status()."""
+    after deleting its folder. ``folds``: only the cells of these folds (a grid without them
+    has nothing to do), so that several grids can run fold by fold and share each fold's
+    autoencoder while it is cached. Returns status()."""
     from .train import progress_bar
 
     spec, out, budget = grid_spec(name), Path(out), budget or GridBudget()
@@ -328,6 +330,8 @@ def run_grid(name: str, data, out, budget: GridBudget | None = None, log=print, 
             raise ValueError(f"grid {name} has no cell {', '.join(unknown)} "
                              f"(its cells are named like {cells[0].name})")
         cells = [c for c in cells if c.name in set(only)]
+    if folds is not None:
+        cells = [c for c in cells if c.fold in set(folds)]
     bar = progress_bar(len(cells), f"grid {name}", initial=sum(c.folder(out).joinpath("cell.json").exists() for c in cells))
     for _ in range(2):
         for cell in cells:

@@ -214,6 +214,18 @@ def test_only_runs_the_named_cells_and_an_unknown_name_fails_before_any_work(tmp
     assert state["done"] == 1 and (cells[0].folder(out) / "cell.json").exists()
 
 
+def test_folds_runs_only_the_cells_of_those_folds(tmp_path, clinicdb_like):
+    out = tmp_path / "grid"
+    state = experiments.run_grid("smoke", clinicdb_like, out, TINY_BUDGET, log=lambda *_: None, folds=[7])
+    assert state["done"] == 0 and not any(out.rglob("cell.json"))  # a grid without fold 7 has nothing to do
+    real = [c for c in experiments.grid_cells(experiments.grid_spec("smoke")) if c.row["key"] == "smoke_real"]
+    assert sorted(c.fold for c in real) == [0, 1]
+    state = experiments.run_grid("smoke", clinicdb_like, out, TINY_BUDGET, log=lambda *_: None,
+                                 only=[c.name for c in real], folds=[1])
+    assert state["done"] == 1
+    assert [c.fold for c in real if (c.folder(out) / "cell.json").exists()] == [1]
+
+
 def test_table2_read_against_its_full_model_trains_nothing_new():
     full = experiments.grid_spec("table2_vs_full")
     assert full["reference"] == "text100"
