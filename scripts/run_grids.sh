@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 DATA=${DATA:-../shared/data/cvc-clinicdb}
 for fold in ${FOLDS:-0 1 2 3 4}; do
-  for grid in ${GRIDS:-noise table1 table2 table3 precision}; do
+  for grid in ${GRIDS:-noise precision table1 table2 table3}; do
     echo "=== $grid fold $fold $(date -u +%FT%TZ) at $(git rev-parse --short HEAD)"
     .venv/bin/python -m syndiff_lib experiment run "$grid" --folds "$fold" --data "$DATA" --out results/cpu-clinicdb
   done
