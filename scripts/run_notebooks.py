@@ -33,6 +33,7 @@ from pathlib import Path
 
 import nbformat
 import papermill
+from nbclient.exceptions import CellTimeoutError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "_build" / "book"  # git-ignored: `make book` writes here, never to tracked files
@@ -160,6 +161,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per kernel (OMP_NUM_THREADS); default: torch's choice")
     parser.add_argument("--kernel", default="python3")
+    parser.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                        help="fail a notebook whose cell runs longer than this (default: no limit; a "
+                             "hung kernel then hangs the run)")
     return parser.parse_args(argv)
 
 
@@ -243,9 +247,9 @@ def main(argv=None) -> int:
         try:
             papermill.execute_notebook(
                 source, target, parameters=mine, kernel_name=args.kernel, cwd=target.parent,
-                progress_bar=False, request_save_on_cell_execute=False,
+                progress_bar=False, request_save_on_cell_execute=False, execution_timeout=args.cell_timeout,
             )
-        except papermill.PapermillExecutionError as error:
+        except (papermill.PapermillExecutionError, CellTimeoutError) as error:
             print(f"FAILED after {time.time() - t0:.0f} s\n{error}", file=sys.stderr)
             print(f"the failing notebook, with its error, is {target}", file=sys.stderr)
             return 1

@@ -429,8 +429,9 @@ def test_tiny_book_executes_and_builds_without_warnings(tmp_path):
     env.pop("SYNDIFF_DATA", None)  # the toy dataset, whatever the machine has
     out = tmp_path / "book"
     before = git_status("notebooks/")
+    # A cell limit far above any tiny cell: a kernel that hangs fails the test instead of CI.
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--profile", "tiny",
-                          "--out", str(out)], capture_output=True, text=True, env=env)
+                          "--out", str(out), "--cell-timeout", "900"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert git_status("notebooks/") == before, "executing into a copy rewrote tracked notebooks"
     for path in sorted((out / "notebooks").glob("*.ipynb")):
