@@ -302,6 +302,25 @@ class CopyPasteBackend:
         return np.where(region[..., None] > 0, blended, background)
 
 
+def sdxl_inpaint_pipeline_class():
+    """diffusers' StableDiffusionXLInpaintPipeline, imported here: the copy-paste path never needs it.
+
+    Importing it makes transformers warn that CLIP's image processors fall back to their PIL
+    versions without torchvision. That is expected (torchvision does not import beside the
+    CPU build of torch this project pins, and the pipeline never uses those processors), so the
+    import runs with transformers' warnings silenced.
+    """
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionXLInpaintPipeline
+    finally:
+        logging.set_verbosity(level)
+    return StableDiffusionXLInpaintPipeline
+
+
 def load_sdxl_inpaint(model_id: str = SDXL_INPAINT_MODEL_ID, revision: str = SDXL_INPAINT_REVISION, *,
                       device="cpu", fp16: bool = False, cpu_offload: bool = False):
     """StableDiffusionXLInpaintPipeline.from_pretrained with frozen weights (notebook 02).
@@ -309,10 +328,8 @@ def load_sdxl_inpaint(model_id: str = SDXL_INPAINT_MODEL_ID, revision: str = SDX
     fp16: load the repository's fp16 weight files and run in float16 (GPU only).
     cpu_offload: keep each sub-model on the CPU until it runs (less GPU memory, slower).
     """
-    from diffusers import StableDiffusionXLInpaintPipeline  # imported here: the copy-paste path never needs it
-
     dtype = torch.float16 if fp16 else torch.float32
-    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(
+    pipe = sdxl_inpaint_pipeline_class().from_pretrained(
         model_id, revision=revision, variant="fp16" if fp16 else None, torch_dtype=dtype)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)

@@ -15,8 +15,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .synthesis import sdxl_inpaint_pipeline_class
 
 
 def _byte_characters() -> list[str]:
@@ -37,8 +39,8 @@ def tiny_clip_tokenizer(folder) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-def tiny_sdxl_inpaint_pipeline(folder) -> StableDiffusionXLInpaintPipeline:
-    """Random-weight SDXL inpainting pipeline; `folder` receives the tokenizer's vocabulary files."""
+def tiny_sdxl_inpaint_pipeline(folder):
+    """A random-weight StableDiffusionXLInpaintPipeline; `folder` receives the tokenizer's vocabulary files."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=32,
@@ -54,13 +56,14 @@ def tiny_sdxl_inpaint_pipeline(folder) -> StableDiffusionXLInpaintPipeline:
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, sample_size=128)
+                        latent_channels=4, sample_size=128,
+                        force_upcast=False)  # float32 already: nothing for the pipeline to upcast
     torch.manual_seed(0)
     text_config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
                                  layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, pad_token_id=1,
                                  vocab_size=1000, hidden_act="gelu", projection_dim=32)
     tokenizer = tiny_clip_tokenizer(folder)
-    pipe = StableDiffusionXLInpaintPipeline(
+    pipe = sdxl_inpaint_pipeline_class()(
         vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, requires_aesthetics_score=True)
     pipe.set_progress_bar_config(disable=True)
