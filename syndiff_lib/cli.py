@@ -2,7 +2,7 @@
 
     syndiff data check DIR
     syndiff train --profile tiny|cpu|full --data DIR [--data DIR2 ...] --out RUN_DIR [--resume] [--seed N] ...
-    syndiff evaluate --checkpoint RUN_DIR --data DIR --split test|val|all [--resolution native|model] [--json]
+    syndiff evaluate --checkpoint RUN_DIR --data DIR --split test|val|all [--resolution native|model] [--fit stretch|letterbox] [--json]
     syndiff segment --checkpoint RUN_DIR IMAGE_OR_DIR... --out DIR [--fit stretch|letterbox] [--runtime torch|onnxruntime]
     syndiff segment --checkpoint RUN_DIR VIDEO_OR_FRAME_DIR --out DIR --overlay CLIP.mp4
     syndiff export --checkpoint RUN_DIR --out EXPORT_DIR [--int8] [--decode-downscale 2]
@@ -54,7 +54,7 @@ DIFFUSION_FLAGS = {  # flag dest -> DiffusionConfig field
     "latent_loss": "latent_loss",
 }
 TRAIN_FLAGS = ("max_steps", "baseline_steps", "max_minutes", "lr", "batch_size", "checkpoint_every", "val_every",
-               "mixed_precision", "ema_decay")
+               "mixed_precision", "ema_decay", "fit")
 STEP_BUDGET = {"syndiff": "max_steps", "baseline": "baseline_steps"}  # the TrainConfig field each model trains for
 
 
@@ -117,10 +117,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def split_samples(run_dir: Path, data, split_name: str, size: int | None):
+def split_samples(run_dir: Path, data, split_name: str, size: int | None, fit: str = "stretch"):
     """The samples of one split: the run's own split.json when the data is the one it trained
     on (or one of those), else the data set's own split (data.build_split); "all" is every
-    frame. ``size`` None: each frame at its own size, else size x size."""
+    frame. ``size`` None: each frame at its own size, else size x size, squared by ``fit``."""
     from . import data as data_lib
 
     split_file = run_dir / "split.json"
@@ -131,27 +131,27 @@ def split_samples(run_dir: Path, data, split_name: str, size: int | None):
     else:
         part = None if split is None else data_lib.split_part(split, data)
         split = part if part is not None else data_lib.build_split(data)
-    return data_lib.load_dataset(data, size=size, ids=split[split_name])
+    return data_lib.load_dataset(data, size=size, ids=split[split_name], fit=fit)
 
 
 def cmd_evaluate(args) -> int:
     import torch
 
-    from .pipeline import check_segment_options, evaluate, load_pipeline
+    from .pipeline import check_segment_options, evaluate, load_pipeline, resolve_fit
 
     data = args.data or default_data()
-    if args.fit == "letterbox" and args.resolution == "model":
-        raise ValueError("--fit letterbox pads each frame at its own size: use it with --resolution native "
-                         "(at --resolution model the frames are already squeezed to the model's square)")
     pipe = load_pipeline(args.checkpoint, device=args.device)
     check_segment_options(pipe, args.steps, args.t_infer)  # before the data is read
+    fit = resolve_fit(pipe, args.fit)  # the model's own fit, unless --fit says otherwise
     size = pipe.profile.train.image_size
-    samples = split_samples(Path(args.checkpoint), data, args.split, None if args.resolution == "native" else size)
+    # At --resolution model each frame and its mask are squared by the fit as they are loaded
+    # (as in training), so the model's square is the frame itself and the fit has nothing left to do.
+    samples = split_samples(Path(args.checkpoint), data, args.split, None if args.resolution == "native" else size, fit)
     if not samples:
         raise ValueError(f"the {args.split} split of {data} is empty")
-    summary, per_image = evaluate(pipe, samples, args.steps, args.t_infer, args.seed, args.nsd_tolerance, args.fit)
+    summary, per_image = evaluate(pipe, samples, args.steps, args.t_infer, args.seed, args.nsd_tolerance, fit)
     summary.update(split=args.split, data=str(data), checkpoint=str(args.checkpoint), resolution=args.resolution,
-                   model_size=size, fit=args.fit, torch_threads=torch.get_num_threads())
+                   model_size=size, torch_threads=torch.get_num_threads())
     if args.per_image:
         from .metrics import per_image_rows
 
@@ -161,7 +161,7 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(summary))
     else:
         how = f", {args.steps} step(s), t_infer {summary['t_infer']}" if "t_infer" in summary else ""
-        print(f"{args.split} ({summary['n']} images{how}, {args.resolution} resolution, {args.fit}):")
+        print(f"{args.split} ({summary['n']} images{how}, {args.resolution} resolution, {fit}):")
         for name in ("dice", "iou", "hd95", "nsd"):
             print(f"  {name:5s} {summary[name]:.4f} ± {summary[name + '_std']:.4f}")
     return 0
@@ -170,16 +170,19 @@ def cmd_evaluate(args) -> int:
 def cmd_segment(args) -> int:
     from .data import files_to_segment
     from .export import load_segmenter
-    from .pipeline import check_segment_options, segment_files
+    from .pipeline import check_segment_options, model_fit, segment_files
     from .video import find_clip, segment_clip
 
     out_dir = Path(args.out)
     clip = find_clip(args.inputs, out_dir, args.overlay)  # a video file or frame folder, checked; else None
-    if clip and args.fit != "stretch":
+    if clip and args.fit == "letterbox":
         raise ValueError("--fit letterbox applies to image files; a clip's frames are segmented stretched")
     files = None if clip else files_to_segment(args.inputs, out_dir)  # every input problem, in one error, before the model loads
     pipe = load_segmenter(args.checkpoint, args.runtime, device=args.device)
     check_segment_options(pipe, args.steps, args.t_infer)
+    if clip and args.fit is None and model_fit(pipe) == "letterbox":  # never a silent change of the model's fit
+        raise ValueError("this model was trained on letterboxed frames, and a clip's frames are segmented stretched: "
+                         "pass --fit stretch to segment the clip stretched all the same, or segment its frames as image files")
     out_dir.mkdir(parents=True, exist_ok=True)
     if clip:
         stats = segment_clip(pipe, clip, out_dir, args.overlay, args.steps, args.t_infer, args.seed)
@@ -488,11 +491,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 # --- the parser ---------------------------------------------------------------------------
-FIT_HELP = ("stretch: squeeze each frame to the model's square, as in training; letterbox: pad it with black to a "
-            "square instead, and crop the padding off the mask")
+FIT_HELP = ("stretch: squeeze each frame to the model's square; letterbox: pad it with black to a square instead, "
+            "and crop the padding off the mask. Default: the fit the model was trained with (train.fit in its saved "
+            "config; stretch for a model saved before the config recorded it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import FITS
+
     parser = argparse.ArgumentParser(prog="syndiff", description="SynDiff: single-step latent-diffusion polyp segmentation")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
@@ -523,6 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traditional-augment", action="store_true", help="flips + rotation (the paper's 'traditional' row)")
     p.add_argument("--photometric-augment", action="store_true",
                    help="beyond the paper: colour jitter, blur and JPEG artefacts on the training images")
+    p.add_argument("--fit", default=None, choices=FITS,
+                   help="how each training frame and its mask become the model's square (default: the profile's, "
+                        "stretch): letterbox pads them with black / background first; the model records it, and "
+                        "evaluate and segment use it")
     p.add_argument("--synthetic", action="append", help="folder of synthetic pairs added to training (repeatable)")
     p.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default=None)
     p.add_argument("--timestep-sampling", choices=["uniform", "fixed"], default=None)
@@ -559,8 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsd-tolerance", type=float, default=None, help="NSD tolerance in pixels")
     p.add_argument("--resolution", default="native", choices=["native", "model"],
                    help="native: score each mask at its image's own size (the model's prediction resized back); "
-                        "model: both squeezed to the model's square input size")
-    p.add_argument("--fit", default="stretch", choices=["stretch", "letterbox"], help=FIT_HELP)
+                        "model: frame and mask made the model's square input (by the fit) and scored there")
+    p.add_argument("--fit", default=None, choices=FITS, help=FIT_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--per-image", default=None, help="also write per-image metrics to this JSONL file")
     p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
@@ -576,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
                    help="onnxruntime: the graph of `syndiff export` (--checkpoint EXPORT_DIR, or a run exported on the fly)")
-    p.add_argument("--fit", default="stretch", choices=["stretch", "letterbox"], help=FIT_HELP)
+    p.add_argument("--fit", default=None, choices=FITS, help=FIT_HELP)
     p.add_argument("--overlay", default=None, metavar="CLIP.mp4",
                    help="with one video file or frame folder: also write the overlay clip (.mp4, or .gif)")
     p.set_defaults(func=cmd_segment)

@@ -121,6 +121,9 @@ RECIPES: dict[str, DiffusionConfig] = {
 }
 
 
+FITS = ("stretch", "letterbox")  # the values of TrainConfig.fit and of `--fit`
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop (paper Sec. 4.2: AdamW, lr 1e-5, batch 4, 100k steps)."""
@@ -148,6 +151,11 @@ class TrainConfig:
     # Not in the paper: colour jitter, blur and JPEG artefacts on the images (augment.py), for
     # frames from other endoscopes (Kvasir-SEG beside ClinicDB). Off until an experiment says otherwise.
     photometric_augment: bool = False
+    # How a training frame and its mask become the image_size square (data.load_dataset):
+    # "stretch" squeezes them (the aspect ratio is lost), "letterbox" pads them with black /
+    # background to a square first (data.letterbox), as `--fit letterbox` does at inference.
+    # The saved model records it, and evaluate / segment use it unless told otherwise.
+    fit: str = "stretch"
     grad_clip: float = 1.0
     # Not in the paper: an exponential moving average of the trainable weights (diffusers'
     # EMAModel with its warm-up, decay capped here). 0 = off. When on, every validation scores
@@ -281,6 +289,8 @@ def check_profile(profile: Profile) -> None:
         raise ValueError(f"max_minutes and lr must be > 0, got {t.max_minutes} and {t.lr}")
     if not 0 <= t.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {t.fit!r}")
 
 
 def changed_fields(config, reference) -> dict:

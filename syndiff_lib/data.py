@@ -30,14 +30,17 @@ PraNet split of ClinicDB beside the published one of Kvasir-SEG), the parts are 
 ("kvasir-seg/cju0qkwl35piu0993l0dewei2", "cvc-clinicdb/12") so that they stay unique. A list
 of one folder is that folder: no prefix.
 
-Resolution and aspect ratio. The model sees square S x S frames: ``load_dataset(size=S)``
-and ``pipeline.images_to_tensor`` stretch each frame to the square (ClinicDB's 384x288 and
-Kvasir's 1920x1072 are squeezed), which is what every model here was trained with. Scores
-and written masks are at each image's own size: the pipeline resizes its prediction back
-(``syndiff evaluate --resolution native``, the default). ``--fit letterbox`` pads a frame
-with black to a square instead (the endoscope's border is black too), so it is scaled
-without distortion, and crops the padding off the prediction; it is an option to measure,
-not the default, because the models were trained on stretched frames.
+Resolution and aspect ratio. The model sees square S x S frames, made by one of two fits
+(``config.FITS``). "stretch", the default: ``load_dataset(size=S)`` and
+``pipeline.images_to_tensor`` squeeze each frame to the square (ClinicDB's 384x288 and
+Kvasir's 1920x1072 lose their proportions). "letterbox": :func:`letterbox` pads the frame
+with black to a square first (the endoscope's border is black too; a mask is padded with
+background), so it is scaled without distortion, and :func:`unletterbox` crops the padding
+off the prediction. A model is trained with one fit (``TrainConfig.fit``, applied by
+``load_dataset(size=S, fit=...)`` before any augmentation), records it, and is evaluated
+and used with it unless ``--fit`` says otherwise; a model saved before the field existed
+was trained stretched. Scores and written masks are at each image's own size: the pipeline
+resizes its prediction back (``syndiff evaluate --resolution native``, the default).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ import cv2
 import numpy as np
 import tifffile
 from PIL import Image
+
+from .config import FITS
 
 MASK_THRESHOLD = 127  # a mask pixel is foreground when its grey value is > 127
 GREY_LOW, GREY_HIGH = 32, 223  # grey levels strictly between these are "neither black nor white"
@@ -439,8 +444,43 @@ def _label_convention_problems(mask_dir: str, faint: list, foreground: list) -> 
     return problems
 
 
-def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to size x size (aspect ratio NOT kept): area or bilinear for the image, nearest for the mask."""
+def letterbox(frames) -> tuple[list[np.ndarray], list[tuple[int, int, int, int]]]:
+    """Pad each frame, an image [H, W, 3] or a mask [H, W], with zeros to [L, L(, 3)],
+    L = max(H, W), the frame in the middle: black for an image, as the endoscope's own border
+    is, and background for a mask. A square then scales without distortion. Returns
+    (squares, boxes): box = (top, left, H, W) of the frame in its square (notebook 08).
+
+    The one definition of a letterbox: training (:func:`load_dataset` with ``fit="letterbox"``)
+    and inference (``pipeline.predict_native``) pad alike, so the model sees the same squares."""
+    squares, boxes = [], []
+    for frame in frames:
+        h, w = frame.shape[:2]
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        square = np.zeros((side, side, *frame.shape[2:]), frame.dtype)  # [L, L, 3] or [L, L]
+        square[top:top + h, left:left + w] = frame
+        squares.append(square)
+        boxes.append((top, left, h, w))
+    return squares, boxes
+
+
+def unletterbox(masks, boxes) -> list[np.ndarray]:
+    """Crop the padding off predictions made on letterbox's squares: [L, L] -> each frame's [H, W]."""
+    return [np.asarray(m)[top:top + h, left:left + w] for m, (top, left, h, w) in zip(masks, boxes)]
+
+
+def check_fit(fit: str) -> None:
+    """Refuse a ``fit`` that is not one of FITS, before any work."""
+    if fit not in FITS:
+        raise ValueError(f"fit (--fit) must be one of {', '.join(FITS)}, got {fit!r}")
+
+
+def _resize(image: np.ndarray, mask: np.ndarray, size: int, fit: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
+    """The sample as a size x size square: "stretch" resizes it as it is (aspect ratio NOT
+    kept), "letterbox" pads image and mask to a square first (:func:`letterbox`). Area or
+    bilinear for the image, nearest for the mask."""
+    if fit == "letterbox":
+        (image, mask), _ = letterbox([image, mask])  # one box for both: they share H and W
     shrinking = size < min(image.shape[:2])
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     image = cv2.resize(image, (size, size), interpolation=interpolation)  # [S, S, 3]
@@ -457,17 +497,21 @@ def _pick(ids, available: dict, root) -> list[str]:
     return sorted(wanted, key=natural_key)
 
 
-def load_dataset(root, size: int | None = None, ids=None, check: bool = True) -> list[Sample]:
+def load_dataset(root, size: int | None = None, ids=None, check: bool = True, fit: str = "stretch") -> list[Sample]:
     """Load a dataset folder as a list of Samples, sorted naturally by id (notebook 01).
 
     root: a dataset folder (any layout above), or "toy" / None for make_toy_dataset().
-    size: resize every sample to size x size; the aspect ratio is NOT kept (ClinicDB's
-        384x288 frames are squeezed). The mask is thresholded first, then resized nearest.
+    size: resize every sample to size x size, as ``fit`` says: "stretch" does not keep the
+        aspect ratio (ClinicDB's 384x288 frames are squeezed), "letterbox" pads image and
+        mask to a square first (black, background: :func:`letterbox`). The mask is
+        thresholded first, then resized nearest. Without ``size``, ``fit`` changes nothing.
     ids: load only these ids (DataError if one is not there).
     check: run check_dataset first, so every problem is reported before any work starts.
-    The toy set is the default make_toy_dataset(n=64, seed=0) drawn at size (default 128).
+    The toy set is the default make_toy_dataset(n=64, seed=0) drawn at size (default 128);
+    its frames are square, so both fits give the same samples.
     A list of several folders loads each in turn, ids prefixed with its name (dataset_ids).
     """
+    check_fit(fit)
     datasets = as_datasets(root)
     if len(datasets) > 1:
         named = _named(datasets)
@@ -480,7 +524,7 @@ def load_dataset(root, size: int | None = None, ids=None, check: bool = True) ->
             wanted = None if ids is None else _unprefixed(ids, name)
             if wanted == []:
                 continue  # none of this data set's frames asked for
-            for sample in load_dataset(part, size, wanted, check):
+            for sample in load_dataset(part, size, wanted, check, fit):
                 sample.id = f"{name}/{sample.id}"
                 samples.append(sample)
         return samples
@@ -498,7 +542,7 @@ def load_dataset(root, size: int | None = None, ids=None, check: bool = True) ->
         if image.shape[:2] != mask.shape:
             raise DataError(f"{mask_path}: size {mask.shape[::-1]} differs from its image {image.shape[1::-1]}")
         if size is not None:
-            image, mask = _resize(image, mask, size)
+            image, mask = _resize(image, mask, size, fit)
         samples.append(Sample(id_, image, mask))
     return samples
 

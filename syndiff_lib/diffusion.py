@@ -121,24 +121,30 @@ def balanced_l1(mask_latent_pred, mask_latent, mask) -> torch.Tensor:
     return per_image.mean()
 
 
-def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent, mask_latent,
-                  generator: torch.Generator, vae=None, mask=None):
+def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent,
+                  mask_latent, generator: torch.Generator, vae=None, mask=None):
     """The dual loss of Eq. 4-6: L = ||n - n~||_1 + lambda * ||z_0 - z~_0||_1.
 
-    With ``cfg.decoder_loss_weight`` > 0 (not the paper), :func:`decoder_loss` is added; it
-    needs the frozen ``vae`` and the pixel ``mask`` [B, 1, H, W].
-    Returns (loss, {"loss_noise": ..., "loss_latent": ...}) with detached floats in the dict.
+    With ``cfg.decoder_loss_weight`` > 0 (not the paper), :func:`decoder_loss`
+    is added; it needs the frozen ``vae`` and the pixel ``mask`` [B, 1, H, W].
+    Returns (loss, {"loss_noise": ..., "loss_latent": ...}) with detached
+    floats in the dict.
     """
     # 1. Draw t and n, and noise the mask latent (Eq. 1).
     B = mask_latent.shape[0]
     timesteps = sample_timesteps(cfg, B, generator, mask_latent.device)  # [B]
-    noise = torch.randn(mask_latent.shape, generator=generator).to(mask_latent)  # [B, 4, h, w]
-    noisy_mask_latent = add_noise(scheduler, mask_latent, noise, timesteps)  # [B, 4, h, w]
+    noise = torch.randn(mask_latent.shape,
+                        generator=generator).to(mask_latent)  # [B, 4, h, w]
+    noisy_mask_latent = add_noise(scheduler, mask_latent, noise,
+                                  timesteps)  # [B, 4, h, w]
     # 2. One U-Net call on [z_c || z_t] (Eq. 2).
-    model_output = unet_forward(unet, image_latent, noisy_mask_latent, timesteps)  # [B, 4, h, w]
-    # 3. Direct latent estimation (Eq. 3) and the noise estimate, whatever the parameterisation.
+    model_output = unet_forward(unet, image_latent, noisy_mask_latent,
+                                timesteps)  # [B, 4, h, w]
+    # 3. Direct latent estimation (Eq. 3) and the noise estimate, whatever the
+    #    parameterisation.
     mask_latent_pred, noise_pred = split_prediction(
-        scheduler, model_output, noisy_mask_latent, timesteps, cfg.prediction_type
+        scheduler, model_output, noisy_mask_latent, timesteps,
+        cfg.prediction_type
     )
     # 4. Dual supervision (Eq. 4-6).
     loss_noise = F.l1_loss(noise_pred, noise.float())  # Eq. 4
@@ -152,7 +158,8 @@ def training_loss(unet, scheduler, cfg: DiffusionConfig, image_latent, mask_late
     parts = {"loss_noise": loss_noise.item(), "loss_latent": loss_latent.item()}
     # 5. (Optional, beyond the paper) supervise the decoded mask itself.
     if cfg.decoder_loss_weight > 0:
-        k = max(1, round(cfg.decoder_loss_fraction * len(mask)))  # the first k of the batch
+        # The first k of the batch.
+        k = max(1, round(cfg.decoder_loss_fraction * len(mask)))
         loss_decoder = decoder_loss(vae, mask_latent_pred[:k], mask[:k])
         loss = loss + cfg.decoder_loss_weight * loss_decoder
         parts["loss_decoder"] = loss_decoder.item()

@@ -8,12 +8,16 @@ one row per trained model:
     key          the cell's folder name
     row          a readable name
     experiment   1, 2 or 3 (:data:`TITLES`)
-    variant      what the row adds ("plain", "copy-paste", "photometric"); rows of one
-                 experiment and variant are the SynDiff / baseline pairs of the report
+    variant      what the row adds ("plain", "copy-paste", "photometric", "letterbox"); rows of
+                 one experiment and variant are the SynDiff / baseline pairs of the report, and
+                 every variant is compared with its model's plain row. A variant may be SynDiff's
+                 alone (copy-paste, letterbox): it then has no baseline pair, only its plain row
     data         the training data sets, as folder names under the data root; each keeps its
                  own split (data.build_split): ClinicDB PraNet's, Kvasir-SEG its authors'
     model_kind   "syndiff" (default) or "baseline"
-    train        TrainConfig fields the row changes, e.g. {"photometric_augment": True}
+    train        TrainConfig fields the row changes, e.g. {"photometric_augment": True}, or
+                 {"fit": "letterbox"}: trained on letterboxed frames (data.letterbox), so that
+                 training and test inputs agree where a stretch would squeeze Kvasir-SEG's frames
     synthetic    the paper's count of copy-paste frames (on 488 real frames), scaled to the
                  run's training frames and made from those frames only (experiments.synthetic_folder)
     tests        the sets it is scored on, each (data set, part)
@@ -37,7 +41,8 @@ locks, the same resume, fp32, steps and no wall clock):
 
     1. OUT/runs/<key>/seed<s>/: train.train on the row's data sets, the cpu profile's own
        step counts (SynDiff max_steps, the baseline baseline_steps) unless given a budget;
-    2. scored on every test set and the selection set, at each frame's own resolution;
+    2. scored on every test set and the selection set, at each frame's own resolution, each
+       frame made square by the fit the model was trained with;
     3. OUT/cells/<key>/seed<s>/: per_image.<data set>.<part>.jsonl per set and cell.json
        (row, data set names, code commit, hardware, steps, seconds per step, metrics per
        set), written last: the cell is done once cell.json exists.
@@ -60,7 +65,7 @@ import numpy as np
 from . import ablations
 from . import data as data_lib
 from . import experiments
-from .config import get_profile
+from .config import FITS, get_profile
 
 CLINICDB, KVASIR = "cvc-clinicdb", "kvasir-seg"  # the folder names under the data root
 PARTS = ("test", "train+val", "all")
@@ -92,6 +97,10 @@ EXPERIMENTS = [
                           "variant": "photometric", "train": PHOTOMETRIC},
     CLINICDB_TO_KVASIR | {"key": "c2k-baseline-photometric", "row": "Pixel U-Net + photometric augmentation",
                           "variant": "photometric", "model_kind": "baseline", "train": PHOTOMETRIC},
+    # Right after the photometric pair: scripts/run_generalisation.sh runs the rows in this
+    # order once its first two pairs are done, so this one comes before experiments 2 and 3.
+    CLINICDB_TO_KVASIR | {"key": "c2k-syndiff-letterbox", "row": "SynDiff trained on letterboxed frames",
+                          "variant": "letterbox", "train": {"fit": "letterbox"}},
     KVASIR_TO_CLINICDB | {"key": "k2c-syndiff", "row": "SynDiff"},
     KVASIR_TO_CLINICDB | {"key": "k2c-baseline", "row": "Pixel U-Net", "model_kind": "baseline"},
     BOTH | {"key": "pranet-syndiff", "row": "SynDiff"},
@@ -681,15 +690,15 @@ def frame_sets(run_dir, data, folder, profile: str, seed: int = 0, kvasir=None, 
     return sets, f"{note} Notebook 04 trained on {trained_on}: its {len(home_ids)} test frames are in-domain."
 
 
-def score_frames(pipe, data, ids, seed: int = 0, fit: str = "stretch", chunk: int = 50) -> tuple[dict, dict]:
+def score_frames(pipe, data, ids, seed: int = 0, fit: str | None = None, chunk: int = 50) -> tuple[dict, dict]:
     """:func:`pipeline.evaluate` of ``pipe`` on the frames ``ids`` of ``data``, read ``chunk``
     frames at a time (Kvasir-SEG's frames are up to 1920x1072: all 1000 at once would not fit a
-    laptop), each chunk one call with noise seed ``seed``. Returns (summary, per_image) as
-    evaluate does, per_image in the order of ``ids``."""
+    laptop), each chunk one call with noise seed ``seed``; ``fit`` None is the model's own.
+    Returns (summary, per_image) as evaluate does, per_image in the order of ``ids``."""
     from .metrics import summarize
-    from .pipeline import evaluate
+    from .pipeline import evaluate, resolve_fit
 
-    parts = []
+    fit, parts = resolve_fit(pipe, fit), []
     for start in range(0, len(ids), chunk):
         samples = data_lib.load_dataset(data, ids=ids[start:start + chunk], check=start == 0)
         samples = sorted(samples, key=lambda s: ids.index(s.id))  # load_dataset sorts by id; keep the caller's order
@@ -699,7 +708,7 @@ def score_frames(pipe, data, ids, seed: int = 0, fit: str = "stretch", chunk: in
     return summary, per_image
 
 
-def predict_frames(pipe, data, ids, wanted, seed: int = 0, fit: str = "stretch", chunk: int = 50) -> dict:
+def predict_frames(pipe, data, ids, wanted, seed: int = 0, fit: str | None = None, chunk: int = 50) -> dict:
     """{id: (sample, predicted mask [H, W])} for the ``wanted`` ids among ``ids``, made as
     :func:`score_frames` made them (the same chunks, the same noise), so each mask is the one its
     score was computed on; only the chunks holding a wanted id are run again."""
@@ -748,7 +757,7 @@ def fit_views(pipe, sample, seed: int = 0) -> dict[str, dict]:
     {fit: {"input": uint8 [S, S, 3] (what the model sees), "mask": bool [H, W] (the prediction
     at the frame's own size), "dice": its Dice}} for "stretch" and "letterbox" (notebook 08)."""
     from .metrics import dice_score
-    from .pipeline import FITS, images_to_tensor, letterbox, predict_native
+    from .pipeline import images_to_tensor, letterbox, predict_native
 
     size, views = pipe.profile.train.image_size, {}
     for fit in FITS:

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2D
 
 from .autoencoder import DECODE_DOWNSCALES, ImageEncoder, build_autoencoder, decode_mask
 from .config import Profile
+from .data import check_fit, letterbox, unletterbox
 from .diffusion import make_scheduler, multi_step, single_step
 from .metrics import DEFAULT_NSD_TOLERANCE_PX, segmentation_metrics, summarize
 from .unet import build_unet
@@ -58,34 +59,20 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
     return torch.cat(tensors)  # [B, 3, size, size]
 
 
-FITS = ("stretch", "letterbox")  # how a frame becomes the model's square (data.py's docstring says why stretch)
+def model_fit(pipe) -> str:
+    """The fit ``pipe``'s model was trained with (``TrainConfig.fit``): what evaluate and
+    segment use when not told otherwise. A model saved before the field existed reads as
+    "stretch", the only fit it could be trained with; so does an exported graph whose
+    preprocess.json does not say."""
+    profile = getattr(pipe, "profile", None)
+    return profile.train.fit if profile is not None else getattr(pipe, "record", {}).get("fit", "stretch")
 
 
-def letterbox(images) -> tuple[list[np.ndarray], list[tuple[int, int, int, int]]]:
-    """Pad each uint8 [H, W, 3] frame with black to [L, L, 3], L = max(H, W), the frame in the
-    middle, so that images_to_tensor scales it without distortion; black, as the endoscope's own
-    border is. Returns (squares, boxes): box = (top, left, H, W) of the frame in its square."""
-    squares, boxes = [], []
-    for image in images:
-        h, w = image.shape[:2]
-        side = max(h, w)
-        top, left = (side - h) // 2, (side - w) // 2
-        square = np.zeros((side, side, 3), np.uint8)  # [L, L, 3]
-        square[top:top + h, left:left + w] = image
-        squares.append(square)
-        boxes.append((top, left, h, w))
-    return squares, boxes
-
-
-def unletterbox(masks, boxes) -> list[np.ndarray]:
-    """Crop the padding off predictions made on letterbox's squares: [L, L] -> each frame's [H, W]."""
-    return [np.asarray(m)[top:top + h, left:left + w] for m, (top, left, h, w) in zip(masks, boxes)]
-
-
-def check_fit(fit: str) -> None:
-    """Refuse a ``fit`` that is not one of FITS, before any work."""
-    if fit not in FITS:
-        raise ValueError(f"fit (--fit) must be one of {', '.join(FITS)}, got {fit!r}")
+def resolve_fit(pipe, fit: str | None) -> str:
+    """``fit`` if given (an explicit choice overrides the model's), else :func:`model_fit`; checked."""
+    fit = model_fit(pipe) if fit is None else fit
+    check_fit(fit)
+    return fit
 
 
 class WeightsError(ValueError):
@@ -368,11 +355,12 @@ def segment(pipe, images, num_inference_steps: int = 1, t_infer: int | None = No
 
 
 def segment_files(pipe, files, out_dir: Path, num_inference_steps: int = 1, t_infer: int | None = None, seed: int = 0,
-                  batch_size: int = 16, fit: str = "stretch") -> int:
+                  batch_size: int = 16, fit: str | None = None) -> int:
     """Segment image files into ``out_dir/<stem>.png`` (0/255 masks at each image's size),
     batch by batch: read a batch, segment it, write it, so memory stays that of one batch
     however many files there are. Returns the number of masks written. ``fit``: "stretch"
-    (each frame squeezed to the model's square, as in training) or "letterbox" (:func:`letterbox`).
+    (each frame squeezed to the model's square) or "letterbox" (data.letterbox); None, the
+    default, is the fit the model was trained with (:func:`model_fit`).
 
     The caller has checked the files (data.files_to_segment: readable, distinct mask names).
     One noise generator runs through all batches, so the masks are those of one call on all
@@ -383,7 +371,7 @@ def segment_files(pipe, files, out_dir: Path, num_inference_steps: int = 1, t_in
     from .data import read_image
 
     check_segment_options(pipe, num_inference_steps, t_infer)
-    check_fit(fit)
+    fit = resolve_fit(pipe, fit)
     generator = torch.Generator().manual_seed(seed)
     written = 0
     for start in range(0, len(files), batch_size):
@@ -409,11 +397,12 @@ def segment_files(pipe, files, out_dir: Path, num_inference_steps: int = 1, t_in
 
 
 def predict_native(pipe, images, num_inference_steps: int = 1, t_infer: int | None = None, seed: int = 0,
-                   fit: str = "stretch") -> list[np.ndarray]:
+                   fit: str | None = None) -> list[np.ndarray]:
     """The bool masks [H, W] of ``images`` at each image's own size: each frame made square by
-    ``fit`` ("stretch" or "letterbox", :func:`segment_files`), segmented in one call of
-    :func:`segment`, and the mask taken back to the frame (for a letterbox, its padding cut off)."""
-    check_fit(fit)
+    ``fit`` ("stretch" or "letterbox"; None: the model's own, :func:`segment_files`), segmented
+    in one call of :func:`segment`, and the mask taken back to the frame (for a letterbox, its
+    padding cut off)."""
+    fit = resolve_fit(pipe, fit)
     boxes = None
     if fit == "letterbox":
         images, boxes = letterbox(images)
@@ -428,14 +417,17 @@ def evaluate(
     t_infer: int | None = None,
     seed: int = 0,
     nsd_tolerance_px: float | None = None,
-    fit: str = "stretch",
+    fit: str | None = None,
 ) -> tuple[dict, dict]:
     """Dice, IoU, HD95 and NSD of ``pipe`` (SynDiff or baseline) on ``samples``, at the samples'
     resolution: each prediction is resized to its sample's size, which may differ from sample
-    to sample (Kvasir-SEG at native resolution). ``fit``: as in :func:`segment_files`.
+    to sample (Kvasir-SEG at native resolution). ``fit``: as in :func:`segment_files` (None:
+    the model's own).
 
-    Returns (summary, per_image): summary has the means, *_std and n (see metrics.summarize).
+    Returns (summary, per_image): summary has the means, *_std, n and the fit used (see
+    metrics.summarize).
     """
+    fit = resolve_fit(pipe, fit)
     preds = predict_native(pipe, [s.image for s in samples], num_inference_steps, t_infer, seed, fit)  # [H, W] each
     targets = [s.mask for s in samples]  # [H, W] each
     tolerance = DEFAULT_NSD_TOLERANCE_PX if nsd_tolerance_px is None else nsd_tolerance_px
@@ -448,7 +440,7 @@ def evaluate(
             per_image.setdefault(name, np.empty(len(samples), values.dtype))[at] = values
     per_image["id"] = np.array([s.id for s in samples])
     summary = summarize({k: v for k, v in per_image.items() if k != "id"})
-    summary.update(nsd_tolerance_px=tolerance, seed=seed)
+    summary.update(nsd_tolerance_px=tolerance, seed=seed, fit=fit)
     if isinstance(pipe, SynDiffPipeline):
         summary.update(steps=num_inference_steps, t_infer=pipe.profile.diffusion.t_infer if t_infer is None else t_infer)
     return summary, per_image

@@ -3,12 +3,15 @@
 Taught in notebook 04 (training). One call, :func:`train`, does a whole run:
 
 1. Load and check the data, make the split (``data.build_split``, saved as ``split.json``;
-   test is never touched). The run folder must be new, empty, or hold only a prepared ``vae/``
-   (``--overwrite`` replaces a run, never other files; ``--resume`` continues one started with
-   the same options). ``RUN_DIR/lock`` keeps a second training out while one writes the folder.
+   test is never touched); every frame and its mask become the model's square by
+   ``TrainConfig.fit`` (stretched, or letterboxed: padded to a square first). The run folder
+   must be new, empty, or hold only a prepared ``vae/`` (``--overwrite`` replaces a run, never
+   other files; ``--resume`` continues one started with the same options). ``RUN_DIR/lock``
+   keeps a second training out while one writes the folder.
 2. SynDiff only: the frozen autoencoder (E, D), pretrained (``full``) or trained here on the
-   training images and masks (``tiny``/``cpu``), cached under ``$SYNDIFF_CACHE`` (default
-   ``~/.cache/syndiff``) so runs with the same data and config share it.
+   training images and masks (``tiny``/``cpu``; stretched whatever the fit), cached under
+   ``$SYNDIFF_CACHE`` (default ``~/.cache/syndiff``) so runs with the same data and config
+   share it.
 3. The model as a :class:`Trainee`: its modules, its trainable parameters, its loss on a
    batch, and the pipeline that scores it. SynDiff: E_phi (initialised from E) and the U-Net
    with the dual loss of Eq. 6; the baseline: a pixel U-Net with BCE + soft Dice.
@@ -110,29 +113,51 @@ def check_synthetic_source(folder, split: dict) -> None:
                          f"make it with `syndiff synth` on this split (--fold {split.get('fold')} --split-seed {split.get('seed')})")
 
 
-def prepare_data(data, image_size: int, seed: int = 0, fold: int | None = None, folds: int = 5, synthetic=()):
+def prepare_data(data, image_size: int, seed: int = 0, fold: int | None = None, folds: int = 5, synthetic=(),
+                 fit: str = "stretch"):
     """Load + check the data and split it. Returns (train_samples, val_samples, split dict).
 
     ``data`` is a folder (CVC-ClinicDB, Kvasir-SEG or image/mask pairs) or None/"toy" for
     the built-in toy dataset, or a list of folders: each keeps its own split and the parts
     are joined, ids prefixed with the folder's name (data.build_split). Synthetic folders are added to the training split only, after
     :func:`check_synthetic_source` has made sure they were made from this split's training frames.
+    Every frame and its mask become the image_size square by ``fit`` (``TrainConfig.fit``:
+    "stretch" or "letterbox", data.load_dataset), before any augmentation sees them.
     """
     split = data_lib.build_split(data, fold=fold, folds=folds, seed=seed)
     for folder in synthetic:
         check_synthetic_source(folder, split)
-    samples = data_lib.load_dataset(data, size=image_size)
+    samples = data_lib.load_dataset(data, size=image_size, fit=fit)
     by_id = {s.id: s for s in samples}
     train_samples = [by_id[i] for i in split["train"]]
     val_samples = [by_id[i] for i in split["val"]]
     split["synthetic"] = []
     for folder in synthetic:
-        extra = data_lib.load_dataset(folder, size=image_size)
+        extra = data_lib.load_dataset(folder, size=image_size, fit=fit)
         for s in extra:
             s.source = "synthetic"
         train_samples += extra
         split["synthetic"].append({"folder": str(folder), "n": len(extra)})
     return train_samples, val_samples, split
+
+
+def autoencoder_samples(data, train_samples, profile: Profile) -> list:
+    """The frames the frozen autoencoder (E, D) learns from: the run's real training frames
+    (synthetic ones left out, so every row of a grid shares one), always stretched.
+
+    ``TrainConfig.fit`` is not part of the autoencoder's cache key
+    (autoencoder.autoencoder_cache_key: the autoencoder's fields, image_size, the training ids,
+    the data, the seed), and that is meant: (E, D) is the mask codec, learnt from random crops
+    by a fully convolutional network, not the segmenter, and a letterboxed row shares it with
+    the plain row so that the two differ in the segmenter's inputs alone and their paired
+    difference measures the fit. One key must then mean one autoencoder, whichever run trains
+    it first: a letterboxed run gives it the stretched frames a stretch run gives it."""
+    real = [s for s in train_samples if s.source != "synthetic"]
+    if profile.train.fit == "stretch":
+        return real
+    stretched = data_lib.load_dataset(data, size=profile.train.image_size, ids=[s.id for s in real], check=False)
+    by_id = {s.id: s for s in stretched}
+    return [by_id[s.id] for s in real]  # the training order, as a stretch run has it
 
 
 def random_batch(images, masks, batch_size: int, generator: torch.Generator, flip: bool, rotate: bool = False,
@@ -626,7 +651,7 @@ def train(
 
     # 1. Data, split and the run folder: everything that can be wrong is found before any work.
     split_seed = seed if split_seed is None else split_seed
-    train_samples, val_samples, split = prepare_data(data, tcfg.image_size, split_seed, fold, folds, synthetic)
+    train_samples, val_samples, split = prepare_data(data, tcfg.image_size, split_seed, fold, folds, synthetic, tcfg.fit)
     if not val_samples:
         raise ValueError(f"the split of {split['data']} leaves no validation frames, and without them no model can be "
                          "chosen; give more data (whole video sequences) or another split")
@@ -644,9 +669,10 @@ def train(
         # 2. The model: for SynDiff, the frozen autoencoder first.
         extra = {}
         if model == "syndiff":
-            # The autoencoder sees the real training frames only, so every row of a grid (with or
-            # without synthetic frames) shares the one cached for its split.
-            images, masks = samples_to_tensors([s for s in train_samples if s.source != "synthetic"])
+            # The autoencoder sees the real training frames only, stretched whatever the fit, so
+            # every row of a grid (synthetic frames or not, letterboxed or not) shares the one
+            # cached for its split.
+            images, masks = samples_to_tensors(autoencoder_samples(data, train_samples, profile))
             vae = get_autoencoder(profile, images, masks, split["train"], split["data"], run_dir, profile.autoencoder.seed,
                                   log, record=extra).to(accelerator.device)
             round_trip = mask_round_trip_dice(vae, samples_to_tensors(val_samples)[1].to(accelerator.device)).mean().item()

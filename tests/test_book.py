@@ -1,5 +1,5 @@
-"""The book: notebook structure, committed outputs, glue references, no typed numbers in the
-prose, the publishing workflow, and a warning-free build.
+"""The book: notebook structure, code that fits the page's column, committed outputs, glue
+references, no typed numbers in the prose, the publishing workflow, and a warning-free build.
 
 Fast tests read the committed files, and check that scripts/run_notebooks.py writes outside
 the committed notebooks unless told --in-place. `test_committed_book_builds_without_warnings`
@@ -11,6 +11,7 @@ CI runs, without rewriting tracked files.
 
 import ast
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -159,6 +160,71 @@ def test_book_figures_exist():
                for path in re.findall(r"^```\{figure\} (\S+)", page.read_text(), re.M)
                if not (page.parent / path).exists()]
     assert not missing, missing
+
+
+# ---- code fits the book's column -------------------------------------------------------------
+CODE_WIDTH = 80  # characters a code block of the rendered book shows before it scrolls sideways
+MAGIC = re.compile(r"^(\s*)[%!].*$", re.M)  # an IPython magic or shell line: not Python
+
+
+def shown_sources(path: Path) -> list[tuple[int, object]]:
+    """(cell index, object) for every library object a notebook prints with inspect.getsource,
+    found by reading its code: the argument names something a cell imported from syndiff_lib
+    (``training_loss``, ``viz.wrap_lines``, ``SynDiffPipeline.__call__``). An argument that is
+    neither that nor the notebook's own function or class fails: the test could not check it."""
+    trees = [(i, ast.parse(MAGIC.sub(r"\1pass", c.source))) for i, c in enumerate(read(path).cells)
+             if c.cell_type == "code"]
+    imported, own = {}, set()  # imported: name in the notebook -> (module, attributes)
+    for _, tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("syndiff_lib"):
+                imported.update({a.asname or a.name: (node.module, [a.name]) for a in node.names})
+            elif isinstance(node, ast.Import):
+                imported.update({a.asname or a.name.split(".")[0]: (a.name if a.asname else a.name.split(".")[0], [])
+                                 for a in node.names if a.name.split(".")[0] == "syndiff_lib"})
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                own.add(node.name)
+    shown = []
+    for index, tree in trees:
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if called != "getsource" or not node.args:
+                continue
+            attributes, target = [], node.args[0]
+            while isinstance(target, ast.Attribute):
+                attributes.insert(0, target.attr)
+                target = target.value
+            name = getattr(target, "id", None)
+            if name in own:
+                continue  # the notebook's own code: its cell is checked line by line
+            assert name in imported, f"{path.name}, cell {index}: cannot tell which object getsource prints"
+            module, first = imported[name]
+            obj = importlib.import_module(module)
+            for attribute in first + attributes:  # a submodule (``viz``) may not be imported yet
+                obj = getattr(obj, attribute) if hasattr(obj, attribute) else \
+                    importlib.import_module(f"{obj.__name__}.{attribute}")
+            shown.append((index, obj))
+    return shown
+
+
+def test_code_lines_fit_the_book_column():
+    """No line of a code cell (hidden and boilerplate ones too: a reader can open them), nor of a
+    library object a notebook prints with inspect.getsource, is wider than CODE_WIDTH: a wider
+    line scrolls sideways in the rendered book and its end goes unread."""
+    too_wide = []
+    for path in NOTEBOOKS:
+        for index, cell in enumerate(read(path).cells):
+            if cell.cell_type == "code":
+                too_wide += [f"{path.name}, cell {index}, line {n} ({len(line)} chars): {line.strip()}"
+                             for n, line in enumerate(cell.source.split("\n"), start=1) if len(line) > CODE_WIDTH]
+        for index, obj in shown_sources(path):
+            name = f"{obj.__module__}.{obj.__qualname__}" if hasattr(obj, "__qualname__") else obj.__name__
+            too_wide += [f"{path.name}, cell {index} prints {name}: its line {n} ({len(line)} chars): {line.strip()}"
+                         for n, line in enumerate(inspect.getsource(obj).splitlines(), start=1)
+                         if len(line) > CODE_WIDTH]
+    assert not too_wide, f"lines over {CODE_WIDTH} characters:\n" + "\n".join(too_wide)
 
 
 # ---- numbers in the prose --------------------------------------------------------------------

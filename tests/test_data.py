@@ -119,6 +119,39 @@ def test_resize_to_square_and_ids(tmp_path):
         data.load_dataset(tmp_path, ids=["99"])
 
 
+def test_letterboxed_samples_keep_the_frames_proportions_with_black_bars(tmp_path):
+    """A 48 x 24 frame with a round polyp: letterboxed to 32 x 32 it keeps its proportions
+    (the disc stays round) between black bars whose mask is background; stretched, it does not."""
+    image = np.full((24, 48, 3), 180, np.uint8)  # [H, W, 3], no pixel black
+    yy, xx = np.mgrid[:24, :48]
+    mask = ((yy - 12) ** 2 + (xx - 24) ** 2 <= 8 ** 2).astype(np.uint8) * 255  # a disc of radius 8
+    image[mask > 0] = (230, 120, 100)
+    write(tmp_path / "images" / "1.png", image)
+    write(tmp_path / "masks" / "1.png", mask)
+    (boxed,) = data.load_dataset(tmp_path, size=32, fit="letterbox")
+    (stretched,) = data.load_dataset(tmp_path, size=32)
+    assert boxed.image.shape == (32, 32, 3) and boxed.mask.shape == (32, 32) and boxed.mask.dtype == bool
+
+    # The 48 x 48 square is scaled by 2/3: the frame fills rows 8..23, black above and below.
+    assert (boxed.image[:8] == 0).all() and (boxed.image[24:] == 0).all()
+    assert not boxed.mask[:8].any() and not boxed.mask[24:].any()
+    assert (boxed.image[8:24] > 0).all()
+
+    def height_over_width(m):
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        return (rows[-1] - rows[0] + 1) / (cols[-1] - cols[0] + 1)
+
+    assert height_over_width(boxed.mask) == pytest.approx(1.0, abs=0.1)  # round, as in the frame
+    assert height_over_width(stretched.mask) == pytest.approx(2.0, abs=0.2)  # squeezed: twice as tall as wide
+    (kept,) = data.letterbox([image])[0]
+    assert kept.shape == (48, 48, 3) and (kept[12:36] == image).all()  # the frame itself, unscaled, in the middle
+
+    # Without a size there is nothing to square; a fit that is neither is refused.
+    assert data.load_dataset(tmp_path, fit="letterbox")[0].image.shape == (24, 48, 3)
+    with pytest.raises(ValueError, match="fit"):
+        data.load_dataset(tmp_path, size=32, fit="crop")
+
+
 def test_read_image_converts_grey_and_names_broken_file(tmp_path):
     grey = write(tmp_path / "grey.png", np.full((4, 5), 80, np.uint8))
     assert data.read_image(grey).shape == (4, 5, 3)

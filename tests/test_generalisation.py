@@ -1,5 +1,6 @@
 """Generalisation beyond CVC-ClinicDB: Kvasir-SEG's split, masks named other ways, several
-data sets at once, scoring at each image's own size, and photometric augmentation.
+data sets at once, scoring at each image's own size, models trained on letterboxed frames,
+and photometric augmentation.
 
 Every fixture file is written into tmp_path. The check of the real Kvasir-SEG runs only when
 the shared copy is next to the checkout (../shared/data/kvasir-seg). The last part checks the
@@ -7,6 +8,7 @@ helpers of notebook 08 (tables of the cross-dataset report on fabricated cell fi
 scored in chunks, the stretch / letterbox views, the simulated shift of the toy data).
 """
 
+import dataclasses
 import json
 import math
 import re
@@ -18,13 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-from syndiff_lib import augment, cli, data, generalisation
+from syndiff_lib import augment, cli, data, experiments, generalisation
+from syndiff_lib.autoencoder import autoencoder_cache_key
 from syndiff_lib.config import get_profile
 from syndiff_lib.data import DataError
 from syndiff_lib.metrics import dice_score
-from syndiff_lib.pipeline import BaselinePipeline, evaluate, letterbox, segment_files, unletterbox
+from syndiff_lib.pipeline import (BaselinePipeline, SynDiffPipeline, evaluate, letterbox, load_pipeline, model_fit,
+                                  segment_files, unletterbox)
 from syndiff_lib.baseline import build_baseline_unet
-from syndiff_lib.train import as_written_now, prepare_data, train
+from syndiff_lib.train import as_written_now, autoencoder_samples, prepare_data, train
 
 REAL_KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
 
@@ -278,6 +282,91 @@ def test_letterbox_masks_are_those_of_the_unpadded_frames(empty_run, tmp_path):
         segment_files(pipe, files, tmp_path / "out", fit="crop")
 
 
+# ----------------------------------------------------------------------------- training on letterboxed frames
+
+
+def tiny_profile(fit: str = "stretch"):
+    """The tiny profile at a 32 x 32 model size, with ``fit``."""
+    profile = get_profile("tiny")
+    profile.train = dataclasses.replace(profile.train, image_size=32, fit=fit)
+    return profile
+
+
+def test_letterboxed_training_frames_have_black_bars_and_a_background_mask_there(tmp_path):
+    clinicdb = clinicdb_like(tmp_path / "cvc-clinicdb", last=30)  # 24 x 16 frames of noise, box masks
+    boxed, _, split = prepare_data(clinicdb, image_size=32, fit="letterbox")
+    stretched, _, same_split = prepare_data(clinicdb, image_size=32)
+    assert split == same_split and [s.id for s in boxed] == [s.id for s in stretched]
+    # A 24 x 24 square scaled by 4/3: the frame fills rows 5.3..26.7, black above and below.
+    for sample in boxed:
+        assert sample.image.shape == (32, 32, 3)
+        assert (sample.image[:5] == 0).all() and (sample.image[27:] == 0).all()
+        assert not sample.mask[:5].any() and not sample.mask[27:].any() and sample.mask.any()
+    assert all(s.image[:5].any() for s in stretched)  # stretched frames fill the square
+    with pytest.raises(ValueError, match="fit must be one of"):
+        train(tiny_profile("crop"), clinicdb, tmp_path / "never", model="baseline", log=lambda *_: None)
+
+
+def test_a_stretch_and_a_letterbox_run_share_one_autoencoder(tmp_path):
+    clinicdb = clinicdb_like(tmp_path / "cvc-clinicdb", last=30)
+    plain, boxed = tiny_profile(), tiny_profile("letterbox")
+    runs = {fit: prepare_data(clinicdb, image_size=32, fit=fit) for fit in ("stretch", "letterbox")}
+    ids, where = runs["stretch"][2]["train"], runs["stretch"][2]["data"]
+    for stage in ("autoencoder", "mask_decoder"):
+        assert autoencoder_cache_key(plain, ids, where, 0, stage) == autoencoder_cache_key(boxed, ids, where, 0, stage)
+    # One key, one autoencoder: the letterbox run trains it on the stretched frames too.
+    shared = [autoencoder_samples(clinicdb, runs[fit][0], profile)
+              for fit, profile in (("stretch", plain), ("letterbox", boxed))]
+    assert [s.id for s in shared[0]] == [s.id for s in shared[1]] == ids
+    for a, b, segmented in zip(*shared, runs["letterbox"][0]):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert not np.array_equal(b.image, segmented.image)  # the segmenter's frames are letterboxed
+
+
+def test_a_letterbox_trained_model_records_its_fit_and_is_scored_with_it(tmp_path, capsys):
+    clinicdb = clinicdb_like(tmp_path / "cvc-clinicdb", last=30)
+    profile = tiny_profile("letterbox")
+    profile.train = dataclasses.replace(profile.train, baseline_steps=2, val_every=2)
+    run = tmp_path / "run"
+    results = train(profile, clinicdb, run, model="baseline", log=lambda *_: None)
+    assert json.loads((run / "pipeline" / "baseline_config.json").read_text())["train"]["fit"] == "letterbox"
+    assert results["overrides"]["train.fit"] == "letterbox"  # results.json says what was trained
+
+    pipe = load_pipeline(run)
+    assert model_fit(pipe) == "letterbox"
+    samples = data.load_dataset(clinicdb, ids=["1", "2", "3"])  # 24 x 16, at their own size
+    summary, per_image = evaluate(pipe, samples)
+    assert summary["fit"] == "letterbox"
+    np.testing.assert_array_equal(per_image["hd95"], evaluate(pipe, samples, fit="letterbox")[1]["hd95"])
+    assert evaluate(pipe, samples, fit="stretch")[0]["fit"] == "stretch"  # an explicit fit still overrides
+    for flags, fit in (([], "letterbox"), (["--fit", "stretch"], "stretch"), (["--resolution", "model"], "letterbox")):
+        assert cli.main(["evaluate", "--checkpoint", str(run), "--data", str(clinicdb), "--json", *flags]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fit"] == fit
+
+    args = cli.build_parser().parse_args(["train", "--out", str(tmp_path / "o"), "--fit", "letterbox"])
+    assert cli.profile_from_args(args).train.fit == "letterbox"  # `syndiff train --fit letterbox` asks the same
+
+    # SynDiff's saved profile records it the same way.
+    SynDiffPipeline.from_profile(tiny_profile("letterbox")).save_pretrained(tmp_path / "syndiff")
+    assert model_fit(SynDiffPipeline.from_pretrained(tmp_path / "syndiff")) == "letterbox"
+
+
+def test_a_model_saved_before_the_fit_was_recorded_reads_as_stretch(empty_run, tmp_path, capsys):
+    config_file = empty_run / "pipeline" / "baseline_config.json"
+    older = json.loads(config_file.read_text())
+    del older["train"]["fit"]  # as every model saved before the field existed
+    config_file.write_text(json.dumps(older))
+    pipe = BaselinePipeline.from_pretrained(empty_run)
+    assert pipe.profile.train.fit == "stretch" and model_fit(pipe) == "stretch"
+    write_pair(tmp_path / "frames", "wide.jpg", "wide.png", size=(48, 20))
+    assert evaluate(pipe, data.load_dataset(tmp_path / "frames"))[0]["fit"] == "stretch"
+    assert cli.main(["evaluate", "--checkpoint", str(empty_run), "--data", str(tmp_path / "frames"), "--split", "all",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fit"] == "stretch"
+    assert as_written_now(older)["train"]["fit"] == "stretch"  # and a run started then resumes as it was
+
+
 # ----------------------------------------------------------------------------- photometric augmentation
 
 
@@ -350,7 +439,7 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
     fabricate_cell(tmp_path, "c2k-baseline", {k: v - 0.1 for k, v in C2K.items()})
     lines = generalisation.report(tmp_path)
     state = generalisation.experiment_status(tmp_path)
-    assert [(e, s["done"], s["cells"]) for e, s in state.items()] == [(1, 2, 5), (2, 0, 2), (3, 0, 2)]
+    assert [(e, s["done"], s["cells"]) for e, s in state.items()] == [(1, 2, 6), (2, 0, 2), (3, 0, 2)]
 
     scores = generalisation.score_rows(lines, 1)
     assert len(scores[0]) == len(generalisation.SCORE_COLUMNS)
@@ -372,11 +461,12 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
     waiting = [r for r in pairs.values() if r[2] == generalisation.NOT_YET]
     assert waiting and all(r[1] != "SynDiff - Pixel U-Net" for r in waiting)  # the done pair is never "not yet"
     assert {r[1] for r in waiting} == {"SynDiff - Pixel U-Net, both photometric", "copy-paste - plain (SynDiff)",
-                                       "photometric - plain (SynDiff)", "photometric - plain (Pixel U-Net)"}
+                                       "photometric - plain (SynDiff)", "photometric - plain (Pixel U-Net)",
+                                       "letterbox - plain (SynDiff)"}
     assert len(pairs) == len(generalisation.expected_pairs(1))
 
     choices = generalisation.choice_rows(lines, 1)
-    assert [r[2] for r in choices] == ["needs every variant"] * 5
+    assert [r[2] for r in choices] == ["needs every variant"] * 6
     assert choices[0][1].startswith("60.0") and choices[2][1] == generalisation.NOT_YET
 
     protocol = generalisation.protocol_rows(lines)
@@ -398,7 +488,8 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
 
 
 def test_the_choice_is_made_on_the_selection_set_and_shows_only_the_chosen_rows_test_dice(tmp_path):
-    for key, selection in (("c2k-syndiff", 0.6), ("c2k-syndiff-copypaste", 0.5), ("c2k-syndiff-photometric", 0.7)):
+    for key, selection in (("c2k-syndiff", 0.6), ("c2k-syndiff-copypaste", 0.5), ("c2k-syndiff-photometric", 0.7),
+                           ("c2k-syndiff-letterbox", 0.65)):
         # The photometric row has the best selection Dice and the worst test Dice: it is chosen anyway.
         test = 0.3 if key.endswith("photometric") else 0.5
         fabricate_cell(tmp_path, key, C2K | {"kvasir-seg:train+val": selection, "kvasir-seg:test": test})
@@ -411,6 +502,41 @@ def test_the_choice_is_made_on_the_selection_set_and_shows_only_the_chosen_rows_
     texts = generalisation.glue_texts(lines)
     assert texts["gen_exp1_syndiff_choice"] == "c2k-syndiff-photometric"
     assert texts["gen_exp1_baseline_choice"] == generalisation.NOT_YET
+
+
+def test_a_syndiff_only_variant_is_paired_with_plain_syndiff_and_takes_part_in_the_choice(tmp_path):
+    """The letterbox row has no baseline partner: it is compared with c2k-syndiff alone, and
+    the selection set weighs it beside SynDiff's other variants."""
+    rows = generalisation.select_rows()
+    keys = [r["key"] for r in rows]
+    row = rows[keys.index("c2k-syndiff-letterbox")]
+    assert keys.index("c2k-syndiff-letterbox") == keys.index("c2k-baseline-photometric") + 1  # runs before exp. 2
+    assert (row["experiment"], row["variant"], generalisation.model_kind(row)) == (1, "letterbox", "syndiff")
+    budget = generalisation.default_budget("cpu")
+    assert experiments.cell_profile({"profile": "cpu"}, row, budget).train.fit == "letterbox"
+    ours = [(t, a["key"], b["key"]) for t, a, b in generalisation.expected_pairs(1) if "letterbox" in a["key"] + b["key"]]
+    assert ours == [(t, "c2k-syndiff-letterbox", "c2k-syndiff")
+                    for t in ("kvasir-seg:test", "kvasir-seg:all", "cvc-clinicdb:test")]
+
+    fabricate_cell(tmp_path, "c2k-syndiff", C2K)
+    fabricate_cell(tmp_path, "c2k-syndiff-letterbox", {k: v + 0.05 for k, v in C2K.items()})
+    lines = generalisation.report(tmp_path)
+    paired = [ln for ln in lines if ln["kind"] == "pair"]
+    assert {(ln["key"], ln["against"]) for ln in paired} == {("c2k-syndiff-letterbox", "c2k-syndiff")}
+    assert {ln["test"] for ln in paired} >= {"kvasir-seg:test", "kvasir-seg:all", "cvc-clinicdb:test"}
+    table = {(r[0], r[1]): r for r in generalisation.pair_rows(lines, 1)}
+    assert table[("Kvasir-SEG test", "letterbox - plain (SynDiff)")][2:] == ["+5.0 [+5.0, +5.0]", "8 frames", "better"]
+    assert not any("letterbox" in name and "Pixel U-Net" in name for _, name in table)  # no baseline partner expected
+    texts = generalisation.glue_texts(lines)
+    assert texts["gen_c2k_syndiff_letterbox_vs_c2k_syndiff_kvasir_test_verdict"] == "better"
+    assert texts["gen_exp1_syndiff_choice"] == generalisation.NOT_YET  # copy-paste and photometric not scored yet
+
+    for key in ("c2k-syndiff-copypaste", "c2k-syndiff-photometric"):
+        fabricate_cell(tmp_path, key, C2K)
+    (choice,) = [ln for ln in generalisation.report(tmp_path) if ln["kind"] == "choice"]
+    assert choice["model"] == "syndiff" and choice["chosen"] == "c2k-syndiff-letterbox"
+    assert set(choice["selection_dice"]) == {"c2k-syndiff", "c2k-syndiff-copypaste", "c2k-syndiff-photometric",
+                                             "c2k-syndiff-letterbox"}
 
 
 def test_names_glue_keys_and_the_committed_first_look():
