@@ -113,6 +113,9 @@ def export_onnx(checkpoint, out_dir, int8: bool = False, threshold: float = 0.5,
                   "only when the frame is not already image_size x image_size",
         "resize_back": "soft_mask bilinear, align_corners=False, to the frame's size, then > threshold",
         "threshold": threshold,
+        # How a frame became the square the model was trained on (data.letterbox): a caller
+        # feeding the graph must make its squares the same way.
+        "fit": pipe.profile.train.fit,
     }
     if record["model"] == "syndiff":
         cfg = pipe.profile.diffusion

@@ -35,6 +35,7 @@ def test_preprocess_json_records_what_the_caller_must_do(exported):
     assert record["model"] == "syndiff" and record["image_size"] == 64 and record["value_range"] == [-1, 1]
     assert record["t_infer"] == 999 and record["threshold"] == 0.5 and record["noise"]["is_input"]
     assert record["noise"]["shape"] == ["B", 4, 8, 8]
+    assert record["fit"] == "stretch"  # the tiny run was trained on stretched frames
     assert (exported / "model.onnx").exists() and (exported / "model.int8.onnx").exists()
 
 
