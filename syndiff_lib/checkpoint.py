@@ -143,6 +143,12 @@ def holder_is_alive(holder: dict | None) -> bool:
     return True
 
 
+def lock_is_held(lock: Path) -> bool:
+    """True if ``lock`` exists and its holder is not proven dead: a cell or run being worked on
+    now. The lock of a killed run is not held: the next take_lock takes it over."""
+    return lock.exists() and holder_is_alive(read_lock(lock))
+
+
 def take_lock(lock: Path) -> bool:
     """Create the file ``lock`` with O_EXCL (one creator wins, atomically), holding our pid and
     host; True if this process holds it now. A lock whose process is dead on this host (a

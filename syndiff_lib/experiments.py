@@ -41,7 +41,7 @@ import numpy as np
 
 from . import ablations
 from . import data as data_lib
-from .checkpoint import take_lock
+from .checkpoint import lock_is_held, take_lock
 from .config import Profile, get_profile
 
 # --- the grids, as data ---------------------------------------------------------------------
@@ -351,7 +351,7 @@ def status(name: str, out) -> dict:
         if (folder / "cell.json").exists():
             done.append(cell.name)
             seconds.append(json.loads((folder / "cell.json").read_text())["cell_wall_seconds"])
-        elif (folder / "lock").exists():
+        elif lock_is_held(folder / "lock"):  # a killed cell's lock is left: it resumes
             running.append(cell.name)
         else:
             left.append(cell.name)

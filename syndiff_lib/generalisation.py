@@ -65,6 +65,7 @@ import numpy as np
 from . import ablations
 from . import data as data_lib
 from . import experiments
+from .checkpoint import lock_is_held
 from .config import FITS, get_profile
 
 CLINICDB, KVASIR = "cvc-clinicdb", "kvasir-seg"  # the folder names under the data root
@@ -301,7 +302,7 @@ def status(out, keys=None, *, seeds=SEEDS, rows=None) -> dict:
             if (folder / "cell.json").exists():
                 done.append(name)
                 seconds.append(json.loads((folder / "cell.json").read_text())["cell_wall_seconds"])
-            elif (folder / "lock").exists():
+            elif lock_is_held(folder / "lock"):  # a killed cell's lock is left: it resumes
                 running.append(name)
             else:
                 left.append(name)

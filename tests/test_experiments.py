@@ -6,6 +6,7 @@ skips what is done, never runs a cell twice, resumes a killed cell and reports f
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -149,6 +150,15 @@ def test_a_killed_cell_resumes_from_its_checkpoint(tmp_path, clinicdb_like):
     assert record["steps"] == 4
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "val_dice" in r] == [2, 4]
+
+
+def test_status_counts_a_killed_cells_lock_as_left_not_running(tmp_path):
+    cells = experiments.grid_cells(experiments.grid_spec("smoke"))
+    for cell, pid in ((cells[0], os.getpid()), (cells[1], 2**22 + 1)):  # alive: us; dead: above pid_max
+        cell.folder(tmp_path).mkdir(parents=True)
+        (cell.folder(tmp_path) / "lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+    state = experiments.status("smoke", tmp_path)
+    assert state["running"] == [cells[0].name] and state["left"] == len(cells) - 1
 
 
 def test_report_and_status_name_a_grid_that_does_not_exist():
