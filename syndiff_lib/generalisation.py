@@ -42,7 +42,8 @@ locks, the same resume, fp32, steps and no wall clock):
     1. OUT/runs/<key>/seed<s>/: train.train on the row's data sets, the cpu profile's own
        step counts (SynDiff max_steps, the baseline baseline_steps) unless given a budget;
     2. scored on every test set and the selection set, at each frame's own resolution, each
-       frame made square by the fit the model was trained with;
+       frame made square by the fit the model was trained with; a frame in several sets
+       (Kvasir-SEG's "all" holds its "test" and "train+val") is scored once;
     3. OUT/cells/<key>/seed<s>/: per_image.<data set>.<part>.jsonl per set and cell.json
        (row, data set names, code commit, hardware, steps, seconds per step, metrics per
        set), written last: the cell is done once cell.json exists.
@@ -201,6 +202,27 @@ def check_sets(row: dict, data_root) -> dict[str, list[str]]:
 
 
 # --- one cell -------------------------------------------------------------------------------------
+def frames_to_score(row: dict, sets: dict[str, list[str]]) -> dict[str, list[str]]:
+    """{data set: ids}: every frame of a row's scored sets (``sets``, from check_sets), once."""
+    frames = {}
+    for test in scored_sets(row):
+        frames.setdefault(test[0], set()).update(sets[label(test)])
+    return {name: sorted(ids, key=data_lib.natural_key) for name, ids in frames.items()}
+
+
+def restrict(summary: dict, per_image: dict, ids: list[str]) -> tuple[dict, dict]:
+    """pipeline.evaluate's (summary, per_image) over the frames ``ids`` only, in that order:
+    the metrics summarized again, the settings it scored with (seed, fit, ...) kept."""
+    from .metrics import METRIC_NAMES, summarize
+
+    position = {i: k for k, i in enumerate(per_image["id"])}
+    at = [position[i] for i in ids]
+    rows = {k: v[at] for k, v in per_image.items()}
+    settings = {k: v for k, v in summary.items()
+                if not (k == "n" or k.startswith("n_") or k.removesuffix("_std") in METRIC_NAMES)}
+    return settings | summarize({k: v for k, v in rows.items() if k != "id"}), rows
+
+
 def cell_folder(out, row: dict, seed: int) -> Path:
     return Path(out) / "cells" / row["key"] / f"seed{seed}"
 
@@ -252,11 +274,13 @@ def run_cell(row: dict, seed: int, data_root, out, sets: dict[str, list[str]], p
             results = train(cfg, data, run_dir, model=model, seed=seed, split_seed=SPLIT_SEED, synthetic=synthetic,
                             resume=resume, log=lambda message: None)
 
-        # 2. Score every set at its frames' own resolution.
-        pipe, metrics = load_pipeline(run_dir), {}
+        # 2. Score every set at its frames' own resolution, each frame once: one pass over a
+        #    data set's frames of all its sets ("all" is "test" and "train+val" together).
+        pipe, metrics, scored = load_pipeline(run_dir), {}, {}
+        for name, ids in frames_to_score(row, sets).items():
+            scored[name] = evaluate(pipe, data_lib.load_dataset(Path(data_root) / name, ids=ids), seed=seed)
         for test in scored_sets(row):
-            samples = data_lib.load_dataset(Path(data_root) / test[0], ids=sets[label(test)])
-            summary, per_image = evaluate(pipe, samples, seed=seed)
+            summary, per_image = restrict(*scored[test[0]], sets[label(test)])
             lines = "".join(json.dumps(r) + "\n" for r in per_image_rows(per_image))
             (folder / f"per_image.{test[0]}.{test[1]}.jsonl").write_text(lines)
             metrics[label(test)] = summary | {"role": role(row, test)}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from syndiff_lib import cli, config, experiments, generalisation
+from syndiff_lib import cli, config, experiments, generalisation, pipeline
 from syndiff_lib.data import make_toy_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -122,9 +122,19 @@ def test_cells_run_skip_resume_and_report_pairs(tmp_path, data_root, monkeypatch
     assert generalisation.status(out, rows=ROWS) == {"done": 1, "running": [], "left": 1, "cells": 2,
                                                      "median_cell_seconds": state["median_cell_seconds"]}
 
-    # 2. The next run trains the other cell and skips the done one.
+    # 2. The next run trains the other cell and skips the done one, and scores each data set's
+    # frames in one pass: "all" holds "test" and "train+val", so no frame is scored twice.
     before = (syndiff / "cell.json").stat().st_mtime_ns
+    scored, evaluate = [], pipeline.evaluate
+
+    def counted(pipe, samples, **kwargs):
+        scored.append(len(samples))
+        return evaluate(pipe, samples, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate", counted)
     assert run()["done"] == 2
+    monkeypatch.setattr(pipeline, "evaluate", evaluate)
+    assert sorted(scored) == [12, 16]  # clinic-like's 12 test frames, kvasir-like's 16
     assert (syndiff / "cell.json").stat().st_mtime_ns == before
     assert any(m.startswith("baseline/seed0: training (10 steps)") for m in messages)
     assert not any(m.startswith("syndiff/") for m in messages)
@@ -138,9 +148,15 @@ def test_cells_run_skip_resume_and_report_pairs(tmp_path, data_root, monkeypatch
     assert {k: v["n"] for k, v in record["metrics"].items()} == sizes
     assert record["metrics"]["kvasir-like:train+val"]["role"] == "selection"
     assert record["metrics"]["clinic-like:test"]["role"] == "in-domain"
+    rows = {}
     for name, part in [*TESTS, ("kvasir-like", "train+val")]:
         lines = (syndiff / f"per_image.{name}.{part}.jsonl").read_text().splitlines()
         assert len(lines) == sizes[f"{name}:{part}"] and 0 <= json.loads(lines[0])["dice"] <= 1
+        rows[f"{name}:{part}"] = {r["id"]: r for r in map(json.loads, lines)}
+        dice = [r["dice"] for r in rows[f"{name}:{part}"].values()]
+        assert record["metrics"][f"{name}:{part}"]["dice"] == pytest.approx(np.mean(dice))
+    everything = rows["kvasir-like:all"]  # a frame's row is the same in every set that holds it
+    assert rows["kvasir-like:test"] | rows["kvasir-like:train+val"] == everything
     # The copy-paste frames came from the run's training frames only.
     synthetic = out / record["synthetic"][0]["folder"]
     split = json.loads((synthetic / "split.json").read_text())
