@@ -274,8 +274,7 @@ def run_cell(row: dict, seed: int, data_root, out, sets: dict[str, list[str]], p
             results = train(cfg, data, run_dir, model=model, seed=seed, split_seed=SPLIT_SEED, synthetic=synthetic,
                             resume=resume, log=lambda message: None)
 
-        # 2. Score every set at its frames' own resolution, each frame once: one pass over a
-        #    data set's frames of all its sets ("all" is "test" and "train+val" together).
+        # 2. Score each data set's frames once, then give every set its frames' rows.
         pipe, metrics, scored = load_pipeline(run_dir), {}, {}
         for name, ids in frames_to_score(row, sets).items():
             scored[name] = evaluate(pipe, data_lib.load_dataset(Path(data_root) / name, ids=ids), seed=seed)
