@@ -35,6 +35,8 @@ import nbformat
 import papermill
 from nbclient.exceptions import CellTimeoutError
 
+from syndiff_lib.notebook import BATCH_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "_build" / "book"  # git-ignored: `make book` writes here, never to tracked files
 # Copied next to the executed notebooks; "book" whole, with book/figures/ (scripts/draw_figures.py
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ[BATCH_ENV] = "1"  # no reader: notebook.explore makes no widgets (see there)
     data = args.data or os.environ.get("SYNDIFF_DATA") or None
     parameters = {"profile": args.profile, "seed": args.seed, "device": args.device}
     if data not in (None, "", "toy"):

@@ -162,6 +162,10 @@ class TrainConfig:
     # the raw and the averaged weights, and the better of the two on validation is kept.
     ema_decay: float = 0.0
 
+    def steps(self, model: str = "syndiff") -> int:
+        """The training budget of ``model`` ("syndiff" or "baseline"), in steps."""
+        return self.baseline_steps if model == "baseline" else self.max_steps
+
 
 @dataclass
 class Profile:

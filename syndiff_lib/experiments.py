@@ -284,8 +284,9 @@ def run_cell(cell: Cell, spec: dict, data, out: Path, budget: GridBudget, log=pr
             resume = find_checkpoint(run_dir) is not None
             if run_dir.exists() and not resume:  # killed before its first checkpoint: start it again
                 shutil.rmtree(run_dir)
-            log(f"{cell.name}: {'resuming' if resume else 'training'} ({profile.train.max_steps} steps)")
-            results = train(profile, data, run_dir, model=cell.row.get("model_kind", "syndiff"), seed=cell.seed,
+            model = cell.row.get("model_kind", "syndiff")
+            log(f"{cell.name}: {'resuming' if resume else 'training'} ({profile.train.steps(model)} steps)")
+            results = train(profile, data, run_dir, model=model, seed=cell.seed,
                             fold=cell.fold, split_seed=SPLIT_SEED, synthetic=synthetic, resume=resume,
                             log=lambda message: None)
         else:

@@ -244,7 +244,7 @@ def run_cell(row: dict, seed: int, data_root, out, sets: dict[str, list[str]], p
     holds it. ``sets`` is :func:`check_sets`' answer for the row."""
     from .checkpoint import find_checkpoint
     from .metrics import per_image_rows
-    from .pipeline import evaluate, load_pipeline
+    from .pipeline import load_pipeline
     from .train import finished_run, train
 
     folder, run_dir = cell_folder(out, row, seed), run_folder(out, row, seed)
@@ -269,15 +269,14 @@ def run_cell(row: dict, seed: int, data_root, out, sets: dict[str, list[str]], p
             if run_dir.exists() and not resume:  # killed before its first checkpoint: start it again
                 shutil.rmtree(run_dir)
             model = model_kind(row)
-            log(f"{name}: {'resuming' if resume else 'training'} "
-                f"({cfg.train.baseline_steps if model == 'baseline' else cfg.train.max_steps} steps)")
+            log(f"{name}: {'resuming' if resume else 'training'} ({cfg.train.steps(model)} steps)")
             results = train(cfg, data, run_dir, model=model, seed=seed, split_seed=SPLIT_SEED, synthetic=synthetic,
                             resume=resume, log=lambda message: None)
 
         # 2. Score each data set's frames once, then give every set its frames' rows.
-        pipe, metrics, scored = load_pipeline(run_dir), {}, {}
-        for name, ids in frames_to_score(row, sets).items():
-            scored[name] = evaluate(pipe, data_lib.load_dataset(Path(data_root) / name, ids=ids), seed=seed)
+        pipe, metrics = load_pipeline(run_dir), {}
+        scored = {name: score_frames(pipe, Path(data_root) / name, ids, seed=seed)
+                  for name, ids in frames_to_score(row, sets).items()}
         for test in scored_sets(row):
             summary, per_image = restrict(*scored[test[0]], sets[label(test)])
             lines = "".join(json.dumps(r) + "\n" for r in per_image_rows(per_image))
@@ -718,18 +717,16 @@ def score_frames(pipe, data, ids, seed: int = 0, fit: str | None = None, chunk: 
     """:func:`pipeline.evaluate` of ``pipe`` on the frames ``ids`` of ``data``, read ``chunk``
     frames at a time (Kvasir-SEG's frames are up to 1920x1072: all 1000 at once would not fit a
     laptop), each chunk one call with noise seed ``seed``; ``fit`` None is the model's own.
-    Returns (summary, per_image) as evaluate does, per_image in the order of ``ids``."""
-    from .metrics import summarize
+    Returns (summary, per_image) as evaluate does (the same keys), per_image in the order of ``ids``."""
     from .pipeline import evaluate, resolve_fit
 
     fit, parts = resolve_fit(pipe, fit), []
     for start in range(0, len(ids), chunk):
         samples = data_lib.load_dataset(data, ids=ids[start:start + chunk], check=start == 0)
         samples = sorted(samples, key=lambda s: ids.index(s.id))  # load_dataset sorts by id; keep the caller's order
-        parts.append(evaluate(pipe, samples, seed=seed, fit=fit)[1])
-    per_image = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    summary = summarize({k: v for k, v in per_image.items() if k != "id"}) | {"seed": seed, "fit": fit}
-    return summary, per_image
+        parts.append(evaluate(pipe, samples, seed=seed, fit=fit))
+    per_image = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    return restrict(parts[0][0], per_image, list(ids))  # every chunk scored with the first one's settings
 
 
 def predict_frames(pipe, data, ids, wanted, seed: int = 0, fit: str | None = None, chunk: int = 50) -> dict:

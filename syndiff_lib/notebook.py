@@ -10,7 +10,8 @@ the data default and the artifacts folder (how the notebooks pass results on), l
 profile, and prints what the run is made of: versions, parameters, hardware.
 
 Notebook 04 calls `train_or_reuse` to train a model, or to show one that `syndiff train` made
-before with the same profile and split.
+before with the same profile and split. The "Explore" cells call `explore`: a widget in
+Jupyter or Colab, one plain call when scripts/run_notebooks.py executes the book.
 
 Nothing here imports model code when the module loads: torch and diffusers are imported
 inside `setup`, after progress bars are off (tqdm reads TQDM_DISABLE when it is imported).
@@ -30,6 +31,7 @@ from .config import Profile, get_profile
 # in saved notebooks. setup() sets it again, for a reader who imported tqdm first.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+BATCH_ENV = "SYNDIFF_BATCH"  # set by scripts/run_notebooks.py for the kernels it starts: no reader is there
 BOOK_MARKER = "_config.yml"  # the file that marks the book's folder (Jupyter Book's config)
 FIGURE_FORMAT = ("jpeg", {"quality": 85})  # photos: JPEG keeps the saved notebooks small
 
@@ -117,6 +119,24 @@ def setup(profile: str = "tiny", data=None, seed: int = 0, device: str = "cpu", 
     log(hardware_line())
     return NotebookContext(profile=profile, cfg=cfg, data=data, seed=seed, device=device,
                            artifacts=artifacts, root=root)
+
+
+def explore(function, **controls):
+    """``ipywidgets.interact(function, **controls)`` for a reader in Jupyter or Colab; in a
+    batch run ($SYNDIFF_BATCH, set by scripts/run_notebooks.py) one call of ``function`` at
+    the controls' values instead, so the cell's code still runs. No reader can move a slider
+    there, and interact's Output widget makes nbclient send on the shell channel it waits on,
+    which can leave the cell waiting until its timeout, or forever without one
+    (https://github.com/jupyter/nbclient/issues/312).
+
+    ``controls``: ipywidgets controls (``IntSlider``, ``Dropdown``, ...) by argument name.
+    """
+    if os.environ.get(BATCH_ENV):
+        return function(**{name: control.value for name, control in controls.items()})
+    import ipywidgets
+
+    ipywidgets.interact(function, **controls)
+    return None
 
 
 def train_or_reuse(cfg: Profile, data, run_dir, split: dict, *, model: str = "syndiff", reuse: bool = False,

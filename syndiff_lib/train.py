@@ -686,7 +686,7 @@ def train(
         log(f"{model}: {sum(p.numel() for p in trainee.parameters) / 1e6:.1f}M trainable parameters")
 
         # 3. The loop, for the model's own step budget (equal compute, see the module docstring).
-        max_steps = tcfg.baseline_steps if model == "baseline" else tcfg.max_steps
+        max_steps = tcfg.steps(model)
         state = fit(trainee, profile, run_dir, accelerator, train_samples, val_samples, max_steps=max_steps, seed=seed,
                     checkpoint=checkpoint, log=log)
         no_polyp = is_main and predicts_no_polyp(run_dir / "pipeline", val_samples, seed)

@@ -621,6 +621,7 @@ def test_scoring_in_chunks_is_scoring_at_once_and_the_shown_masks_are_the_scored
     order = [list(whole["id"]).index(i) for i in ids]
     np.testing.assert_allclose(per_image["dice"], whole["dice"][order])
     assert summary["n"] == 5 and summary["dice"] == pytest.approx(whole_summary["dice"])
+    assert summary.keys() == whole_summary.keys() and summary["fit"] == whole_summary["fit"]  # the settings, too
     assert generalisation.by_id(per_image) == pytest.approx(dict(zip(ids, per_image["dice"].tolist())))
 
     # SynDiff draws noise per call: a frame shown again is predicted in its own chunk, as scored.

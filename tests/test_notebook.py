@@ -127,3 +127,24 @@ def test_train_or_reuse_trains_afresh_with_the_same_profile_and_the_shared_autoe
     monkeypatch.setattr(syndiff_lib.train, "train", lambda profile, data, out, **kwargs: calls.append(out) or {})
     notebook.train_or_reuse(cfg, "toy", tmp_path / "new", SPLIT, reuse=True, vae_dir=tmp_path / "missing")
     assert calls == [tmp_path / "new"] and not (tmp_path / "new").exists()
+
+
+def test_explore_is_a_widget_for_a_reader_and_one_plain_call_in_a_batch_run(monkeypatch):
+    import ipywidgets
+
+    calls, shown = [], []
+    monkeypatch.setattr(ipywidgets, "interact", lambda function, **controls: shown.append(sorted(controls)))
+    slider = ipywidgets.IntSlider(value=7, min=0, max=9)
+    monkeypatch.setenv(notebook.BATCH_ENV, "1")
+    assert notebook.explore(lambda t: calls.append(t) or t * 2, t=slider) == 14
+    assert calls == [7] and shown == []  # no widget where no reader is
+    monkeypatch.delenv(notebook.BATCH_ENV)
+    notebook.explore(lambda t: calls.append(t), t=slider)
+    assert shown == [["t"]] and calls == [7]  # the widget calls it, when the reader moves it
+
+
+def test_the_notebook_runner_tells_its_kernels_they_run_in_a_batch():
+    runner = (Path(__file__).resolve().parents[1] / "scripts" / "run_notebooks.py").read_text()
+    assert "os.environ[BATCH_ENV] = \"1\"" in runner
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):
+        assert "widgets.interact(" not in path.read_text(), f"{path.name}: use notebook.explore"
