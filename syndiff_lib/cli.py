@@ -320,10 +320,9 @@ def cmd_experiment(args) -> int:
         if args.json:
             print(json.dumps(lines))
             return 0
-        from .viz import table
+        from .viz import mean_std, table
 
-        print(table([[ln["row"], f"{ln['cells']}/{ln['of']}", *(f"{100 * ln[m]:.1f} ± {100 * ln[m + '_std']:.1f}"
-                                                               if m in ln else "-" for m in ("dice", "iou")),
+        print(table([[ln["row"], f"{ln['cells']}/{ln['of']}", mean_std(ln, "dice"), mean_std(ln, "iou"),
                       f"{ln['hd95']:.1f}" if "hd95" in ln else "-",
                       f"{100 * ln['diff']:+.1f} [{100 * ln['diff_low']:+.1f}, {100 * ln['diff_high']:+.1f}] {ln['verdict']}"
                       if "diff" in ln else "-", ln.get("paper") or "-"] for ln in lines],

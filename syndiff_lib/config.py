@@ -144,6 +144,9 @@ class TrainConfig:
     log_every: int = 10
     # "no" | "fp16" | "bf16" (accelerate's autocast) | "auto": bf16 where the hardware has it
     # natively, else fp32 (train.resolve_mixed_precision); results.json records what it chose.
+    # fp32 by default, though bf16 trained as well in the precision grid: baseline_steps gives the
+    # two models equal compute by fp32 step costs, and bf16 cuts the two costs by different
+    # factors on different CPUs, so an "auto" default would make that budget unequal on some.
     mixed_precision: str = "no"
     freeze_encoder: bool = False  # ablation: keep the image encoder at E's weights
     flip_augment: bool = True  # random horizontal/vertical flips

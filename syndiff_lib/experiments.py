@@ -108,6 +108,7 @@ class GridBudget:
     baseline_steps: int = 366  # the steps that cost the baseline what syndiff_steps cost SynDiff
     val_every: int = 100
     checkpoint_every: int = 100
+    autoencoder_steps: int | None = None  # None: the profile's (a test's tiny grid trains fewer)
 
 
 def grid_spec(name: str) -> dict:
@@ -137,7 +138,8 @@ def cell_profile(spec: dict, row: dict, budget: GridBudget) -> Profile:
         lr_warmup_steps=min(profile.train.lr_warmup_steps, steps))
     profile.diffusion = dataclasses.replace(profile.diffusion, **row.get("diffusion", {}))
     # The autoencoder, too, is defined by its steps: its wall-clock cap must never end it on a busy machine.
-    profile.autoencoder = dataclasses.replace(profile.autoencoder, train_minutes=NO_TIME_LIMIT)
+    ae_steps = {} if budget.autoencoder_steps is None else {"train_steps": budget.autoencoder_steps}
+    profile.autoencoder = dataclasses.replace(profile.autoencoder, train_minutes=NO_TIME_LIMIT, **ae_steps)
     return profile
 
 

@@ -241,7 +241,7 @@ GRID_COLUMNS = ["row", "cells", "Dice %", "IoU %", "HD95", "NSD %", "\u0394 Dice
 NOT_RERUN = "reported, not rerun"
 
 
-def _mean_std(line: dict, metric: str, scale: float = 100.0, unit: str = "") -> str:
+def mean_std(line: dict, metric: str, scale: float = 100.0, unit: str = "") -> str:
     """ "mean ± std" of a report line's metric (std over folds), "mean (1 fold)" while one
     fold alone is done (a spread over one fold is no spread), or "-" where the row has no cells."""
     if metric not in line:
@@ -276,8 +276,8 @@ def grid_table_rows(lines: list[dict], reference: str | None = None) -> list[lis
     for line in lines:
         paper = line.get("paper") or ("-", "-")
         difference, verdict = _difference(line, reference)
-        rows.append([line["row"], f"{line['cells']}/{line['of']}", _mean_std(line, "dice"), _mean_std(line, "iou"),
-                     _mean_std(line, "hd95", scale=1.0, unit=" px"), _mean_std(line, "nsd"), difference, verdict,
+        rows.append([line["row"], f"{line['cells']}/{line['of']}", mean_std(line, "dice"), mean_std(line, "iou"),
+                     mean_std(line, "hd95", scale=1.0, unit=" px"), mean_std(line, "nsd"), difference, verdict,
                      *[p if isinstance(p, str) else f"{p:.1f}" for p in paper]])
     return rows
 

@@ -17,7 +17,7 @@ from PIL import Image
 from syndiff_lib import experiments, viz
 from syndiff_lib.data import make_toy_dataset
 
-TINY_BUDGET = experiments.GridBudget(syndiff_steps=4, baseline_steps=3, val_every=2, checkpoint_every=2)
+TINY_BUDGET = experiments.GridBudget(syndiff_steps=4, baseline_steps=3, val_every=2, checkpoint_every=2, autoencoder_steps=20)
 
 
 @pytest.fixture(scope="module")
