@@ -97,8 +97,8 @@ def profile_from_args(args):
         train["freeze_encoder"] = True
     if args.traditional_augment:  # the paper's Table 3 row: flips and rotation
         train |= {"flip_augment": True, "rotate_augment": True}
-    if args.photometric_augment:
-        train["photometric_augment"] = True
+    if args.photometric_augment is not None:  # on in the cpu profile, off in tiny: only a flag changes it
+        train["photometric_augment"] = args.photometric_augment
     profile.train = dataclasses.replace(profile.train, **train)
     check_profile(profile)
     return profile
@@ -526,8 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-latent", type=float, default=None, help="lambda of Eq. 6 (0: noise loss only)")
     p.add_argument("--freeze-encoder", action="store_true", help="ablation: keep E_phi frozen at E's weights")
     p.add_argument("--traditional-augment", action="store_true", help="flips + rotation (the paper's 'traditional' row)")
-    p.add_argument("--photometric-augment", action="store_true",
-                   help="beyond the paper: colour jitter, blur and JPEG artefacts on the training images")
+    p.add_argument("--photometric-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="beyond the paper: colour jitter, blur and JPEG artefacts on the training images "
+                        "(default: the profile's, on in cpu, off in tiny)")
     p.add_argument("--fit", default=None, choices=FITS,
                    help="how each training frame and its mask become the model's square (default: the profile's, "
                         "stretch): letterbox pads them with black / background first; the model records it, and "

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from syndiff_lib import experiments, viz
+from syndiff_lib.config import get_profile
 from syndiff_lib.data import make_toy_dataset
 
 TINY_BUDGET = experiments.GridBudget(syndiff_steps=4, baseline_steps=3, val_every=2, checkpoint_every=2, autoencoder_steps=20)
@@ -53,6 +54,18 @@ def test_cells_train_in_fp32_unless_their_row_says_otherwise():
     spec, budget = experiments.grid_spec("precision"), experiments.GridBudget()
     precisions = {row["key"]: experiments.cell_profile(spec, row, budget).train.mixed_precision for row in spec["rows"]}
     assert precisions == {"syndiff": "no", "syndiff_bf16": "bf16", "baseline": "no", "baseline_bf16": "bf16"}
+
+
+def test_grid_cells_train_without_photometric_augmentation_though_the_cpu_profile_has_it():
+    """The cpu profile took photometric augmentation up after the tables began: their cells keep
+    training as the earlier ones did, and a row that wants it says so."""
+    assert get_profile("cpu").train.photometric_augment and not get_profile("tiny").train.photometric_augment
+    budget = experiments.GridBudget()
+    for name in experiments.GRIDS:
+        spec = experiments.grid_spec(name)
+        assert not any(experiments.cell_profile(spec, row, budget).train.photometric_augment for row in spec["rows"])
+    row = {"key": "syndiff-photometric", "train": {"photometric_augment": True}}
+    assert experiments.cell_profile(experiments.grid_spec("table1"), row, budget).train.photometric_augment
 
 
 def test_cell_budgets_are_steps_and_the_baseline_gets_its_own():

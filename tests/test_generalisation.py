@@ -198,7 +198,10 @@ def test_a_baseline_trains_on_two_data_sets_and_is_scored_on_one(tmp_path, capsy
                                           "--data", str(kvasir), "--out", str(run)])
     assert args.data == [str(clinicdb), str(kvasir)]
     profile = cli.profile_from_args(args)
-    assert profile.train.photometric_augment
+    assert profile.train.photometric_augment  # tiny has it off: the flag turns it on
+    off = cli.build_parser().parse_args(["train", "--profile", "cpu", "--no-photometric-augment", "--data", str(clinicdb),
+                                         "--out", str(tmp_path / "off")])
+    assert not cli.profile_from_args(off).train.photometric_augment and get_profile("cpu").train.photometric_augment
     profile.train.image_size = 32
     train(profile, args.data, run, model="baseline", log=lambda *_: None)
     split = json.loads((run / "split.json").read_text())
@@ -462,7 +465,7 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
     assert waiting and all(r[1] != "SynDiff - Pixel U-Net" for r in waiting)  # the done pair is never "not yet"
     assert {r[1] for r in waiting} == {"SynDiff - Pixel U-Net, both photometric", "copy-paste - plain (SynDiff)",
                                        "photometric - plain (SynDiff)", "photometric - plain (Pixel U-Net)",
-                                       "letterbox - plain (SynDiff)"}
+                                       "photometric + letterbox - photometric (SynDiff)"}
     assert len(pairs) == len(generalisation.expected_pairs(1))
 
     choices = generalisation.choice_rows(lines, 1)
@@ -489,7 +492,7 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
 
 def test_the_choice_is_made_on_the_selection_set_and_shows_only_the_chosen_rows_test_dice(tmp_path):
     for key, selection in (("c2k-syndiff", 0.6), ("c2k-syndiff-copypaste", 0.5), ("c2k-syndiff-photometric", 0.7),
-                           ("c2k-syndiff-letterbox", 0.65)):
+                           ("c2k-syndiff-photometric-letterbox", 0.65)):
         # The photometric row has the best selection Dice and the worst test Dice: it is chosen anyway.
         test = 0.3 if key.endswith("photometric") else 0.5
         fabricate_cell(tmp_path, key, C2K | {"kvasir-seg:train+val": selection, "kvasir-seg:test": test})
@@ -504,39 +507,44 @@ def test_the_choice_is_made_on_the_selection_set_and_shows_only_the_chosen_rows_
     assert texts["gen_exp1_baseline_choice"] == generalisation.NOT_YET
 
 
-def test_a_syndiff_only_variant_is_paired_with_plain_syndiff_and_takes_part_in_the_choice(tmp_path):
-    """The letterbox row has no baseline partner: it is compared with c2k-syndiff alone, and
-    the selection set weighs it beside SynDiff's other variants."""
+def test_a_variant_that_builds_on_another_is_paired_with_it_and_takes_part_in_the_choice(tmp_path):
+    """The letterbox row adds letterboxed frames to the photometric row and has no baseline
+    partner: it is compared with c2k-syndiff-photometric alone, and the selection set weighs it
+    beside SynDiff's other variants."""
     rows = generalisation.select_rows()
     keys = [r["key"] for r in rows]
-    row = rows[keys.index("c2k-syndiff-letterbox")]
-    assert keys.index("c2k-syndiff-letterbox") == keys.index("c2k-baseline-photometric") + 1  # runs before exp. 2
-    assert (row["experiment"], row["variant"], generalisation.model_kind(row)) == (1, "letterbox", "syndiff")
+    key = "c2k-syndiff-photometric-letterbox"
+    row = rows[keys.index(key)]
+    assert keys.index(key) == keys.index("c2k-baseline-photometric") + 1  # the next cell of the queue
+    assert (row["experiment"], row["variant"], generalisation.model_kind(row)) == (1, "photometric + letterbox",
+                                                                                 "syndiff")
     budget = generalisation.default_budget("cpu")
-    assert experiments.cell_profile({"profile": "cpu"}, row, budget).train.fit == "letterbox"
-    ours = [(t, a["key"], b["key"]) for t, a, b in generalisation.expected_pairs(1) if "letterbox" in a["key"] + b["key"]]
-    assert ours == [(t, "c2k-syndiff-letterbox", "c2k-syndiff")
-                    for t in ("kvasir-seg:test", "kvasir-seg:all", "cvc-clinicdb:test")]
+    train = experiments.cell_profile({"profile": "cpu"}, row, budget).train
+    assert train.fit == "letterbox" and train.photometric_augment
+    ours = [(t, a["key"], b["key"]) for t, a, b in generalisation.expected_pairs(1) if key in (a["key"], b["key"])]
+    assert ours == [(t, key, "c2k-syndiff-photometric") for t in ("kvasir-seg:test", "kvasir-seg:all", "cvc-clinicdb:test")]
 
-    fabricate_cell(tmp_path, "c2k-syndiff", C2K)
-    fabricate_cell(tmp_path, "c2k-syndiff-letterbox", {k: v + 0.05 for k, v in C2K.items()})
+    fabricate_cell(tmp_path, "c2k-syndiff-photometric", C2K)
+    fabricate_cell(tmp_path, key, {k: v + 0.05 for k, v in C2K.items()})
+    fabricate_cell(tmp_path, "c2k-syndiff", {k: v + 0.10 for k, v in C2K.items()})  # not what it is compared with
     lines = generalisation.report(tmp_path)
-    paired = [ln for ln in lines if ln["kind"] == "pair"]
-    assert {(ln["key"], ln["against"]) for ln in paired} == {("c2k-syndiff-letterbox", "c2k-syndiff")}
+    paired = [ln for ln in lines if ln["kind"] == "pair" and ln["key"] == key]
+    assert {ln["against"] for ln in paired} == {"c2k-syndiff-photometric"}
     assert {ln["test"] for ln in paired} >= {"kvasir-seg:test", "kvasir-seg:all", "cvc-clinicdb:test"}
     table = {(r[0], r[1]): r for r in generalisation.pair_rows(lines, 1)}
-    assert table[("Kvasir-SEG test", "letterbox - plain (SynDiff)")][2:] == ["+5.0 [+5.0, +5.0]", "8 frames", "better"]
+    assert table[("Kvasir-SEG test", "photometric + letterbox - photometric (SynDiff)")][2:] == [
+        "+5.0 [+5.0, +5.0]", "8 frames", "better"]
     assert not any("letterbox" in name and "Pixel U-Net" in name for _, name in table)  # no baseline partner expected
     texts = generalisation.glue_texts(lines)
-    assert texts["gen_c2k_syndiff_letterbox_vs_c2k_syndiff_kvasir_test_verdict"] == "better"
-    assert texts["gen_exp1_syndiff_choice"] == generalisation.NOT_YET  # copy-paste and photometric not scored yet
+    assert texts["gen_c2k_syndiff_photometric_letterbox_vs_c2k_syndiff_photometric_kvasir_test_verdict"] == "better"
+    assert texts["gen_exp1_syndiff_choice"] == generalisation.NOT_YET  # copy-paste not scored yet
 
-    for key in ("c2k-syndiff-copypaste", "c2k-syndiff-photometric"):
-        fabricate_cell(tmp_path, key, C2K)
+    fabricate_cell(tmp_path, "c2k-syndiff-copypaste", C2K)
     (choice,) = [ln for ln in generalisation.report(tmp_path) if ln["kind"] == "choice"]
-    assert choice["model"] == "syndiff" and choice["chosen"] == "c2k-syndiff-letterbox"
-    assert set(choice["selection_dice"]) == {"c2k-syndiff", "c2k-syndiff-copypaste", "c2k-syndiff-photometric",
-                                             "c2k-syndiff-letterbox"}
+    assert choice["model"] == "syndiff" and choice["chosen"] == "c2k-syndiff"
+    assert set(choice["selection_dice"]) == {"c2k-syndiff", "c2k-syndiff-copypaste", "c2k-syndiff-photometric", key}
+    with pytest.raises(ValueError, match="builds_on 'c2k-syndiff-photometric' is no row of experiment 2"):
+        generalisation.select_rows(rows=[r | {"experiment": 2} if r["key"] == key else r for r in rows])
 
 
 def test_names_glue_keys_and_the_committed_first_look():
