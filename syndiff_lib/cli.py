@@ -97,7 +97,7 @@ def profile_from_args(args):
         train["freeze_encoder"] = True
     if args.traditional_augment:  # the paper's Table 3 row: flips and rotation
         train |= {"flip_augment": True, "rotate_augment": True}
-    if args.photometric_augment is not None:  # on in the cpu profile, off in tiny: only a flag changes it
+    if args.photometric_augment is not None:  # None: the profile's own choice
         train["photometric_augment"] = args.photometric_augment
     profile.train = dataclasses.replace(profile.train, **train)
     check_profile(profile)
