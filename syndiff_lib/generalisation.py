@@ -8,11 +8,12 @@ one row per trained model:
     key          the cell's folder name
     row          a readable name
     experiment   1, 2 or 3 (:data:`TITLES`)
-    variant      what the row adds ("plain", "copy-paste", "photometric", "photometric + letterbox");
+    variant      what the row adds ("plain", "copy-paste", "photometric", "photometric + letterbox",
+                 "photometric + copy-paste");
                  rows of one experiment and variant are the SynDiff / baseline pairs of the report,
                  and every other variant is compared with its model's plain row, or with the row
-                 named by ``builds_on``. A variant may be SynDiff's alone (copy-paste,
-                 photometric + letterbox): it then has no baseline pair
+                 named by ``builds_on``. A variant may be SynDiff's alone (copy-paste and the
+                 photometric rows that build on SynDiff's): it then has no baseline pair
     builds_on    the key of the row a variant adds to (default: its model's plain row)
     data         the training data sets, as folder names under the data root; each keeps its
                  own split (data.build_split): ClinicDB PraNet's, Kvasir-SEG its authors'
@@ -111,6 +112,11 @@ EXPERIMENTS = [
     # The paper's robustness claim for synthetic data, on the plain recipe: against c2k-syndiff.
     CLINICDB_TO_KVASIR | {"key": "c2k-syndiff-copypaste", "row": "SynDiff + 100 copy-paste synthetic",
                           "variant": "copy-paste", "synthetic": 100},
+    # The two that helped, together: does copy-paste add to photometric augmentation?
+    CLINICDB_TO_KVASIR | {"key": "c2k-syndiff-photometric-copypaste",
+                          "row": "SynDiff + photometric augmentation + 100 copy-paste synthetic",
+                          "variant": "photometric + copy-paste", "builds_on": "c2k-syndiff-photometric",
+                          "train": PHOTOMETRIC, "synthetic": 100},
     KVASIR_TO_CLINICDB | {"key": "k2c-syndiff", "row": "SynDiff + photometric augmentation"},
     KVASIR_TO_CLINICDB | {"key": "k2c-baseline", "row": "Pixel U-Net + photometric augmentation",
                           "model_kind": "baseline"},

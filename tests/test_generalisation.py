@@ -442,7 +442,7 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
     fabricate_cell(tmp_path, "c2k-baseline", {k: v - 0.1 for k, v in C2K.items()})
     lines = generalisation.report(tmp_path)
     state = generalisation.experiment_status(tmp_path)
-    assert [(e, s["done"], s["cells"]) for e, s in state.items()] == [(1, 2, 6), (2, 0, 2), (3, 0, 2)]
+    assert [(e, s["done"], s["cells"]) for e, s in state.items()] == [(1, 2, 7), (2, 0, 2), (3, 0, 2)]
 
     scores = generalisation.score_rows(lines, 1)
     assert len(scores[0]) == len(generalisation.SCORE_COLUMNS)
@@ -465,11 +465,12 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
     assert waiting and all(r[1] != "SynDiff - Pixel U-Net" for r in waiting)  # the done pair is never "not yet"
     assert {r[1] for r in waiting} == {"SynDiff - Pixel U-Net, both photometric", "copy-paste - plain (SynDiff)",
                                        "photometric - plain (SynDiff)", "photometric - plain (Pixel U-Net)",
-                                       "photometric + letterbox - photometric (SynDiff)"}
+                                       "photometric + letterbox - photometric (SynDiff)",
+                                       "photometric + copy-paste - photometric (SynDiff)"}
     assert len(pairs) == len(generalisation.expected_pairs(1))
 
     choices = generalisation.choice_rows(lines, 1)
-    assert [r[2] for r in choices] == ["needs every variant"] * 6
+    assert [r[2] for r in choices] == ["needs every variant"] * 7
     assert choices[0][1].startswith("60.0") and choices[2][1] == generalisation.NOT_YET
 
     protocol = generalisation.protocol_rows(lines)
@@ -492,7 +493,7 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
 
 def test_the_choice_is_made_on_the_selection_set_and_shows_only_the_chosen_rows_test_dice(tmp_path):
     for key, selection in (("c2k-syndiff", 0.6), ("c2k-syndiff-copypaste", 0.5), ("c2k-syndiff-photometric", 0.7),
-                           ("c2k-syndiff-photometric-letterbox", 0.65)):
+                           ("c2k-syndiff-photometric-letterbox", 0.65), ("c2k-syndiff-photometric-copypaste", 0.68)):
         # The photometric row has the best selection Dice and the worst test Dice: it is chosen anyway.
         test = 0.3 if key.endswith("photometric") else 0.5
         fabricate_cell(tmp_path, key, C2K | {"kvasir-seg:train+val": selection, "kvasir-seg:test": test})
@@ -540,11 +541,22 @@ def test_a_variant_that_builds_on_another_is_paired_with_it_and_takes_part_in_th
     assert texts["gen_exp1_syndiff_choice"] == generalisation.NOT_YET  # copy-paste not scored yet
 
     fabricate_cell(tmp_path, "c2k-syndiff-copypaste", C2K)
+    fabricate_cell(tmp_path, "c2k-syndiff-photometric-copypaste", C2K)
     (choice,) = [ln for ln in generalisation.report(tmp_path) if ln["kind"] == "choice"]
     assert choice["model"] == "syndiff" and choice["chosen"] == "c2k-syndiff"
-    assert set(choice["selection_dice"]) == {"c2k-syndiff", "c2k-syndiff-copypaste", "c2k-syndiff-photometric", key}
+    assert set(choice["selection_dice"]) == {"c2k-syndiff", "c2k-syndiff-copypaste", "c2k-syndiff-photometric", key,
+                                             "c2k-syndiff-photometric-copypaste"}
     with pytest.raises(ValueError, match="builds_on 'c2k-syndiff-photometric' is no row of experiment 2"):
         generalisation.select_rows(rows=[r | {"experiment": 2} if r["key"] == key else r for r in rows])
+
+
+def test_the_combined_variant_trains_with_photometric_augmentation_and_copy_paste_and_is_paired_with_photometric():
+    key = "c2k-syndiff-photometric-copypaste"
+    row = next(r for r in generalisation.select_rows() if r["key"] == key)
+    train = experiments.cell_profile({"profile": "cpu"}, row, generalisation.default_budget("cpu")).train
+    assert train.photometric_augment and train.fit == "stretch" and row["synthetic"] == 100
+    ours = {(a["key"], b["key"]) for _, a, b in generalisation.expected_pairs(1) if key in (a["key"], b["key"])}
+    assert ours == {(key, "c2k-syndiff-photometric")}  # one comparison: what copy-paste adds
 
 
 def test_names_glue_keys_and_the_committed_first_look():
