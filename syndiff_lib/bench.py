@@ -53,10 +53,36 @@ def _timer(device: torch.device, fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def compile_networks(pipe, backend: str = "inductor") -> None:
+    """torch.compile E_phi, the U-Net and D in place. nn.Module.compile keeps each module's
+    type, so code that asks what a module is (unet.unet_forward) still works. The first call at
+    each input shape compiles, which takes far longer than a call: time after a warm-up."""
+    for module in (pipe.image_encoder, pipe.unet, pipe.vae.decoder):
+        module.compile(backend=backend)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a GPU call returns before it has run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The most GPU memory allocated since the last reset, in GiB; None off a GPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 @torch.no_grad()
-def benchmark(pipe, steps=(1, 50, 100), batch_size: int = 1, warmup: int = 2, repeats: int = 5, seed: int = 0) -> dict:
-    """Time the pipeline's parts and whole on random input of the trained size."""
+def benchmark(pipe, steps=(1, 50, 100), batch_size: int = 1, warmup: int = 2, repeats: int = 5, seed: int = 0,
+              compile: bool = False) -> dict:
+    """Time the pipeline's parts and whole on random input of the trained size; ``compile``:
+    with the networks torch.compiled first (compile_networks; at least one warm-up call)."""
     device, dtype = pipe.device, pipe.dtype
+    if compile:
+        compile_networks(pipe)
+        warmup = max(warmup, 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     size = pipe.profile.train.image_size
     generator = torch.Generator().manual_seed(seed)
     pixels = (torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1).to(device, dtype)
@@ -82,6 +108,7 @@ def benchmark(pipe, steps=(1, 50, 100), batch_size: int = 1, warmup: int = 2, re
     return {
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "dtype": str(dtype).replace("torch.", ""),
+        "compiled": compile,
         "batch": batch_size,
         "image_size": size,
         "latency_s": latency,
@@ -91,6 +118,7 @@ def benchmark(pipe, steps=(1, 50, 100), batch_size: int = 1, warmup: int = 2, re
         "components": parts,
         "parts_sum_s": parts_sum_s,
         "whole_over_parts": one / parts_sum_s,
+        "peak_memory_gb": peak_memory_gb(device),
         "threads": torch.get_num_threads(),
     }
 
@@ -110,21 +138,25 @@ def train_step_benchmark(profile, models=("syndiff", "baseline"), steps: int = 2
 
     tcfg = profile.train
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tcfg.mixed_precision))
+    device = accelerator.device
     generator = torch.Generator().manual_seed(seed)
     size, batch = tcfg.image_size, tcfg.batch_size
-    pixels = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1  # [B, 3, S, S]
-    mask = (torch.rand(batch, 1, size, size, generator=generator) > 0.7).float()  # [B, 1, S, S]
-    result = {"profile": profile.name, "image_size": size, "batch": batch, "threads": torch.get_num_threads(),
-              "mixed_precision": accelerator.mixed_precision, "steps_timed": steps, "seconds_per_step": {}}
+    pixels = (torch.rand(batch, 3, size, size, generator=generator) * 2 - 1).to(device)  # [B, 3, S, S]
+    mask = (torch.rand(batch, 1, size, size, generator=generator) > 0.7).float().to(device)  # [B, 1, S, S]
+    result = {"profile": profile.name, "device": str(device), "image_size": size, "batch": batch,
+              "threads": torch.get_num_threads(), "mixed_precision": accelerator.mixed_precision,
+              "steps_timed": steps, "seconds_per_step": {}, "peak_memory_gb": {}}
     for model in models:
         torch.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if model == "syndiff":
-            vae = build_autoencoder(profile.autoencoder).eval().requires_grad_(False)
+            vae = build_autoencoder(profile.autoencoder).eval().requires_grad_(False).to(device)
             trainee = syndiff_trainee(profile, vae, accelerator)
         else:
             trainee = baseline_trainee(profile, accelerator)
         for module in trainee.modules.values():
-            module.train()
+            module.to(device).train()
         optimizer = torch.optim.AdamW(trainee.parameters, lr=tcfg.lr)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
@@ -133,10 +165,13 @@ def train_step_benchmark(profile, models=("syndiff", "baseline"), steps: int = 2
 
         for _ in range(warmup):
             step()
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        synchronize(device)
         result["seconds_per_step"][model] = (time.perf_counter() - t0) / steps
+        result["peak_memory_gb"][model] = peak_memory_gb(device)
     if {"syndiff", "baseline"} <= set(result["seconds_per_step"]):
         s = result["seconds_per_step"]
         result["baseline_steps_per_syndiff_step"] = s["syndiff"] / s["baseline"]

@@ -6,7 +6,7 @@
     syndiff segment --checkpoint RUN_DIR IMAGE_OR_DIR... --out DIR [--fit stretch|letterbox] [--runtime torch|onnxruntime]
     syndiff segment --checkpoint RUN_DIR VIDEO_OR_FRAME_DIR --out DIR --overlay CLIP.mp4
     syndiff export --checkpoint RUN_DIR --out EXPORT_DIR [--int8] [--decode-downscale 2]
-    syndiff bench --checkpoint RUN_DIR --steps 1,50,100 [--batch B] [--device cpu|cuda] [--runtime torch|onnxruntime] [--json]
+    syndiff bench --checkpoint RUN_DIR --steps 1,50,100 [--batch B] [--device cpu|cuda] [--runtime torch|onnxruntime] [--compile] [--json]
     syndiff bench --checkpoint RUN_DIR --speed-options all [--data DIR] [--frames N] [--json]
     syndiff synth --backend sdxl|copy-paste|gan --data DIR --out DIR --n 100 ...
     syndiff generalise run|status|report --data-root DIR --out DIR [--only KEY,...]
@@ -255,9 +255,11 @@ def cmd_bench(args) -> int:
         from .bench import benchmark_onnx
         from .export import OnnxPipeline
 
-        if not args.checkpoint or args.random_init or args.train_step or args.steps not in (None, "1") or args.dtype != "fp32":
+        if (not args.checkpoint or args.random_init or args.train_step or args.steps not in (None, "1")
+                or args.dtype != "fp32" or args.compile):
             raise ValueError("--runtime onnxruntime times an exported graph at one step in fp32: give --checkpoint "
-                             "EXPORT_DIR_OR_RUN, and no --random-init, --train-step, --dtype or --steps other than 1")
+                             "EXPORT_DIR_OR_RUN, and no --random-init, --train-step, --dtype, --compile or --steps "
+                             "other than 1")
         result = benchmark_onnx(OnnxPipeline.from_pretrained(args.checkpoint, device=args.device), args.batch,
                                 args.warmup, args.repeats)
         result["model"] = str(args.checkpoint)
@@ -273,6 +275,9 @@ def cmd_bench(args) -> int:
                          f"batch {args.batch}, repeats {args.repeats}, warmup {args.warmup}")
     if args.train_step:
         from .bench import train_step_benchmark
+
+        if args.compile:
+            raise ValueError("--compile times inference (with --checkpoint or --random-init), not --train-step")
 
         profile = get_profile(args.train_step)
         if args.mixed_precision:
@@ -292,7 +297,7 @@ def cmd_bench(args) -> int:
         pipe = SynDiffPipeline.from_profile(profile).to(args.device, dtype)
     else:
         raise ValueError("give --checkpoint RUN_DIR or --random-init PROFILE")
-    result = benchmark(pipe, steps, args.batch, args.warmup, args.repeats)
+    result = benchmark(pipe, steps, args.batch, args.warmup, args.repeats, compile=args.compile)
     result["model"] = str(args.checkpoint or f"random-init {args.random_init}")
     if args.json:
         print(json.dumps(result))
@@ -613,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile E_phi, the U-Net and D first (the warm-up calls compile them)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--speed-options", default=None, metavar="all|NAME,NAME",

@@ -136,3 +136,38 @@ def test_bench_times_the_exported_graph_with_onnxruntime(tiny_run, capsys):
     assert main(["bench", "--checkpoint", str(tiny_run), "--runtime", "onnxruntime", "--repeats", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["runtime"] == "onnxruntime" and result["latency_s"]["1"] > 0 and result["model"] == str(tiny_run)
+
+
+def test_compiled_networks_keep_their_types_and_give_the_same_masks():
+    """bench --compile on a GPU: torch.compile in place. Here with the eager backend, which
+    traces the modules as torch.compile does but needs no compiler, so the test stays quick."""
+    from syndiff_lib.bench import benchmark, compile_networks
+    from syndiff_lib.config import get_profile
+    from syndiff_lib.pipeline import SynDiffPipeline
+
+    torch.manual_seed(0)
+    pipe = SynDiffPipeline.from_profile(get_profile("tiny"))
+    frames = images(2, size=64)
+    before = pipe(frames, generator=torch.Generator().manual_seed(0), output_size="model")
+    kinds = [type(m) for m in (pipe.image_encoder, pipe.unet, pipe.vae.decoder)]
+    compile_networks(pipe, backend="eager")
+    assert [type(m) for m in (pipe.image_encoder, pipe.unet, pipe.vae.decoder)] == kinds
+    after = pipe(frames, generator=torch.Generator().manual_seed(0), output_size="model")
+    np.testing.assert_allclose(np.stack(after.soft_masks), np.stack(before.soft_masks), atol=1e-5)
+    result = benchmark(pipe, steps=(1,), warmup=0, repeats=1)
+    assert result["compiled"] is False and result["peak_memory_gb"] is None  # what it records, on a CPU
+
+
+@pytest.mark.parametrize("flags", [["--train-step", "tiny"], ["--runtime", "onnxruntime"]])
+def test_bench_refuses_compile_where_it_does_not_apply(tiny_run, capsys, flags):
+    assert main(["bench", "--checkpoint", str(tiny_run), "--compile", *flags]) == 2
+    assert "--compile" in capsys.readouterr().err
+
+
+def test_a_training_step_benchmark_records_its_device_and_memory():
+    from syndiff_lib.bench import train_step_benchmark
+    from syndiff_lib.config import get_profile
+
+    result = train_step_benchmark(get_profile("tiny"), steps=1, warmup=0)
+    assert result["device"] == "cpu" and set(result["seconds_per_step"]) == {"syndiff", "baseline"}
+    assert result["peak_memory_gb"] == {"syndiff": None, "baseline": None}  # GPU memory only
