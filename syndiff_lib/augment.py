@@ -1,9 +1,9 @@
-"""Augmentation of training batches: random flips, the paper's "traditional" rotation, and
-photometric changes.
+"""Augmentation of training batches: random flips, the paper's "traditional" rotation, a
+random zoom, and photometric changes.
 
 Taught in notebook 02 (synthesis, beside the synthetic data it is compared with) and used by
 the training loop (``TrainConfig.flip_augment``, ``TrainConfig.rotate_augment``,
-``TrainConfig.photometric_augment``). The geometric functions change image and mask with the
+``TrainConfig.zoom_augment``, ``TrainConfig.photometric_augment``). The geometric functions change image and mask with the
 same draw, so a pair stays aligned; the photometric ones change the image only, since a
 polyp under other light, out of focus or compressed is still where it was. Every draw comes
 from the ``torch.Generator`` passed in.
@@ -14,7 +14,9 @@ from the ``torch.Generator`` passed in.
 The paper's Table 3 row "Traditional (rotation, flip)" is both: ``flip_augment`` and
 ``rotate_augment`` on (see ``ablations.TRADITIONAL``). The photometric changes are not in the
 paper: they imitate what differs between endoscopes and data sets (the light and colour of a
-camera, its focus, Kvasir-SEG's JPEG compression against ClinicDB's lossless frames).
+camera, its focus, Kvasir-SEG's JPEG compression against ClinicDB's lossless frames). Nor is
+the zoom: it imitates a colonoscope nearer to or farther from the polyp, so that a model trained
+on one data set's polyp sizes meets others (the multi-scale training of the polyp literature).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 MAX_ANGLE = 20.0  # degrees: a small rotation, as a colonoscope turns; larger ones show much black corner
+# Zoom factors, drawn log-uniform: above 1 the polyp looks larger (a crop of the frame, blown up),
+# below 1 smaller (the frame shrunk inside a black border). Wider on the near side: a frame cropped
+# by 1.5 still shows most of a polyp, one shrunk by 1.5 shows as much border as frame.
+ZOOM = (0.8, 1.5)
 
 # Photometric ranges: each factor is drawn uniformly in [1 - spread, 1 + spread]. Mild on purpose:
 # the mucosa must stay the pink-red it is under any endoscope's light.
@@ -68,6 +74,29 @@ def random_rotations(x: torch.Tensor, y: torch.Tensor, generator: torch.Generato
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)  # [B, S, S, 2]
     # grid_sample pads with 0, which is grey in [-1, 1]: shift to [0, 2] so the padding is black.
     x = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+    y = F.grid_sample(y, grid.to(y.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
+    return x, y
+
+
+def random_zooms(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                 zoom: tuple[float, float] = ZOOM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoom each pair by a factor s drawn log-uniform in ``zoom``, at a random place.
+
+    s > 1: a window of 1/s of the frame's side, anywhere inside it, is blown up to the full size;
+    s < 1: the whole frame, shrunk by s, sits anywhere inside a black border. In the grid's
+    coordinates ([-1, 1] across the frame), an output point p reads the input at p / s + t with
+    |t| <= |1 - 1/s|, which keeps the window inside the frame (or the frame inside the output).
+    Image bilinear, mask nearest, as for the rotations.
+    """
+    n = len(x)
+    s = torch.exp(_uniform(n, math.log(zoom[0]), math.log(zoom[1]), generator))  # [B]
+    reach = (1 - 1 / s).abs()  # [B]
+    t = (2 * torch.rand(n, 2, generator=generator) - 1) * reach[:, None]  # [B, 2]: x and y shifts
+    zero = torch.zeros(n)
+    theta = torch.stack([torch.stack([1 / s, zero, t[:, 0]], 1),
+                         torch.stack([zero, 1 / s, t[:, 1]], 1)], 1)  # [B, 2, 3]
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)  # [B, S, S, 2]
+    x = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1  # black border
     y = F.grid_sample(y, grid.to(y.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
     return x, y
 
@@ -158,14 +187,17 @@ def photometric_augment(x: torch.Tensor, generator: torch.Generator, strength: f
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *, flip: bool,
-                  rotate: bool, photometric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  rotate: bool, photometric: bool = False, zoom: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loop's augmentation: photometric changes of the images if ``photometric``,
-    flips if ``flip``, then a rotation if ``rotate``. The photometric changes come first, so the
-    black corners a rotation uncovers stay black, like the endoscope's border."""
+    flips if ``flip``, a zoom if ``zoom``, then a rotation if ``rotate``. The photometric changes
+    come first, so the black border a zoom or rotation uncovers stays black, like the endoscope's
+    border. An option that is off draws nothing: the batches of the others stay as they were."""
     if photometric:
         x = photometric_augment(x, generator)
     if flip:
         x, y = random_flips(x, y, generator)
+    if zoom:
+        x, y = random_zooms(x, y, generator)
     if rotate:
         x, y = random_rotations(x, y, generator)
     return x, y

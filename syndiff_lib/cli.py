@@ -99,6 +99,8 @@ def profile_from_args(args):
         train |= {"flip_augment": True, "rotate_augment": True}
     if args.photometric_augment is not None:  # None: the profile's own choice
         train["photometric_augment"] = args.photometric_augment
+    if args.zoom_augment:
+        train["zoom_augment"] = True
     profile.train = dataclasses.replace(profile.train, **train)
     check_profile(profile)
     return profile
@@ -534,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photometric-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="beyond the paper: colour jitter, blur and JPEG artefacts on the training images "
                         "(default: the profile's, on in cpu, off in tiny)")
+    p.add_argument("--zoom-augment", action="store_true",
+                   help="beyond the paper: a random zoom of each training pair, 0.8 to 1.5 (polyps filmed nearer "
+                        "or farther)")
     p.add_argument("--fit", default=None, choices=FITS,
                    help="how each training frame and its mask become the model's square (default: the profile's, "
                         "stretch): letterbox pads them with black / background first; the model records it, and "

@@ -155,6 +155,9 @@ class TrainConfig:
     # frames from other endoscopes (Kvasir-SEG beside ClinicDB). Off here, on in the cpu profile,
     # where the cross-dataset experiments chose it (generalisation.py, notebook 08).
     photometric_augment: bool = False
+    # Not in the paper either: a random zoom in [0.8, 1.5] (augment.random_zooms), for data sets
+    # that film their polyps nearer or farther than the training set does. Off in every profile.
+    zoom_augment: bool = False
     # How a training frame and its mask become the image_size square (data.load_dataset):
     # "stretch" squeezes them (the aspect ratio is lost), "letterbox" pads them with black /
     # background to a square first (data.letterbox), as `--fit letterbox` does at inference.

@@ -130,10 +130,11 @@ def cell_profile(spec: dict, row: dict, budget: GridBudget) -> Profile:
     steps = budget.baseline_steps if row.get("model_kind") == "baseline" else budget.syndiff_steps
     # fp32 unless a row says otherwise: a cell must train alike on every machine, and a
     # profile's "auto" precision would pick bf16 on some CPUs and fp32 on others. Photometric
-    # augmentation off unless a row turns it on: the tables are the paper's ablations of one
-    # recipe, run fold by fold over many sessions, and the cpu profile took it up after they
-    # began, so every cell of a table trains alike and a row says what it adds.
-    train = {"mixed_precision": "no", "photometric_augment": False} | row.get("train", {})
+    # augmentation (and the zoom) off unless a row turns it on: the tables are the paper's
+    # ablations of one recipe, run fold by fold over many sessions, and the cpu profile took
+    # photometric augmentation up after they began, so every cell of a table trains alike and a
+    # row says what it adds.
+    train = {"mixed_precision": "no", "photometric_augment": False, "zoom_augment": False} | row.get("train", {})
     profile.train = dataclasses.replace(
         profile.train, **train, max_steps=budget.syndiff_steps, baseline_steps=budget.baseline_steps,
         max_minutes=NO_TIME_LIMIT,

@@ -9,7 +9,7 @@ one row per trained model:
     row          a readable name
     experiment   1, 2 or 3 (:data:`TITLES`)
     variant      what the row adds ("plain", "copy-paste", "photometric", "photometric + letterbox",
-                 "photometric + copy-paste");
+                 "photometric + copy-paste", "photometric + zoom");
                  rows of one experiment and variant are the SynDiff / baseline pairs of the report,
                  and every other variant is compared with its model's plain row, or with the row
                  named by ``builds_on``. A variant may be SynDiff's alone (copy-paste and the
@@ -117,6 +117,12 @@ EXPERIMENTS = [
                           "row": "SynDiff + photometric augmentation + 100 copy-paste synthetic",
                           "variant": "photometric + copy-paste", "builds_on": "c2k-syndiff-photometric",
                           "train": PHOTOMETRIC, "synthetic": 100},
+    # Kvasir-SEG's polyps fill more of the frame than ClinicDB's: does a random zoom in training
+    # (augment.random_zooms) carry the model across polyp sizes?
+    CLINICDB_TO_KVASIR | {"key": "c2k-syndiff-photometric-zoom",
+                          "row": "SynDiff + photometric augmentation + random zoom",
+                          "variant": "photometric + zoom", "builds_on": "c2k-syndiff-photometric",
+                          "train": PHOTOMETRIC | {"zoom_augment": True}},
     KVASIR_TO_CLINICDB | {"key": "k2c-syndiff", "row": "SynDiff + photometric augmentation"},
     KVASIR_TO_CLINICDB | {"key": "k2c-baseline", "row": "Pixel U-Net + photometric augmentation",
                           "model_kind": "baseline"},

@@ -161,10 +161,11 @@ def autoencoder_samples(data, train_samples, profile: Profile) -> list:
 
 
 def random_batch(images, masks, batch_size: int, generator: torch.Generator, flip: bool, rotate: bool = False,
-                 photometric: bool = False):
+                 photometric: bool = False, zoom: bool = False):
     """A random batch [B, 3, S, S], [B, 1, S, S], augmented as the config asks (augment.py)."""
     idx = torch.randint(len(images), (batch_size,), generator=generator)
-    return augment_batch(images[idx], masks[idx], generator, flip=flip, rotate=rotate, photometric=photometric)
+    return augment_batch(images[idx], masks[idx], generator, flip=flip, rotate=rotate, photometric=photometric,
+                         zoom=zoom)
 
 
 def progress_bar(total: int, desc: str, initial: int = 0, show: bool = True) -> tqdm:
@@ -583,7 +584,7 @@ def fit(trainee: Trainee, profile: Profile, run_dir: Path, accelerator: Accelera
                       "--resume continues it")
             break
         pixels, mask = random_batch(images, masks, tcfg.batch_size, generator, tcfg.flip_augment, tcfg.rotate_augment,
-                                    tcfg.photometric_augment)
+                                    tcfg.photometric_augment, tcfg.zoom_augment)
         pixels, mask = pixels.to(accelerator.device), mask.to(accelerator.device)
         loss, parts = optimisation_step(trainee, pixels, mask, generator, optimizer, lr_scheduler, accelerator, tcfg.grad_clip)
         if not torch.isfinite(loss):

@@ -442,7 +442,7 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
     fabricate_cell(tmp_path, "c2k-baseline", {k: v - 0.1 for k, v in C2K.items()})
     lines = generalisation.report(tmp_path)
     state = generalisation.experiment_status(tmp_path)
-    assert [(e, s["done"], s["cells"]) for e, s in state.items()] == [(1, 2, 7), (2, 0, 2), (3, 0, 2)]
+    assert [(e, s["done"], s["cells"]) for e, s in state.items()] == [(1, 2, 8), (2, 0, 2), (3, 0, 2)]
 
     scores = generalisation.score_rows(lines, 1)
     assert len(scores[0]) == len(generalisation.SCORE_COLUMNS)
@@ -466,11 +466,12 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
     assert {r[1] for r in waiting} == {"SynDiff - Pixel U-Net, both photometric", "copy-paste - plain (SynDiff)",
                                        "photometric - plain (SynDiff)", "photometric - plain (Pixel U-Net)",
                                        "photometric + letterbox - photometric (SynDiff)",
-                                       "photometric + copy-paste - photometric (SynDiff)"}
+                                       "photometric + copy-paste - photometric (SynDiff)",
+                                       "photometric + zoom - photometric (SynDiff)"}
     assert len(pairs) == len(generalisation.expected_pairs(1))
 
     choices = generalisation.choice_rows(lines, 1)
-    assert [r[2] for r in choices] == ["needs every variant"] * 7
+    assert [r[2] for r in choices] == ["needs every variant"] * 8
     assert choices[0][1].startswith("60.0") and choices[2][1] == generalisation.NOT_YET
 
     protocol = generalisation.protocol_rows(lines)
@@ -493,7 +494,8 @@ def test_report_tables_show_what_is_done_and_not_yet_run_for_the_rest(tmp_path):
 
 def test_the_choice_is_made_on_the_selection_set_and_shows_only_the_chosen_rows_test_dice(tmp_path):
     for key, selection in (("c2k-syndiff", 0.6), ("c2k-syndiff-copypaste", 0.5), ("c2k-syndiff-photometric", 0.7),
-                           ("c2k-syndiff-photometric-letterbox", 0.65), ("c2k-syndiff-photometric-copypaste", 0.68)):
+                           ("c2k-syndiff-photometric-letterbox", 0.65), ("c2k-syndiff-photometric-copypaste", 0.68),
+                           ("c2k-syndiff-photometric-zoom", 0.69)):
         # The photometric row has the best selection Dice and the worst test Dice: it is chosen anyway.
         test = 0.3 if key.endswith("photometric") else 0.5
         fabricate_cell(tmp_path, key, C2K | {"kvasir-seg:train+val": selection, "kvasir-seg:test": test})
@@ -542,10 +544,11 @@ def test_a_variant_that_builds_on_another_is_paired_with_it_and_takes_part_in_th
 
     fabricate_cell(tmp_path, "c2k-syndiff-copypaste", C2K)
     fabricate_cell(tmp_path, "c2k-syndiff-photometric-copypaste", C2K)
+    fabricate_cell(tmp_path, "c2k-syndiff-photometric-zoom", C2K)
     (choice,) = [ln for ln in generalisation.report(tmp_path) if ln["kind"] == "choice"]
     assert choice["model"] == "syndiff" and choice["chosen"] == "c2k-syndiff"
     assert set(choice["selection_dice"]) == {"c2k-syndiff", "c2k-syndiff-copypaste", "c2k-syndiff-photometric", key,
-                                             "c2k-syndiff-photometric-copypaste"}
+                                             "c2k-syndiff-photometric-copypaste", "c2k-syndiff-photometric-zoom"}
     with pytest.raises(ValueError, match="builds_on 'c2k-syndiff-photometric' is no row of experiment 2"):
         generalisation.select_rows(rows=[r | {"experiment": 2} if r["key"] == key else r for r in rows])
 
@@ -557,6 +560,43 @@ def test_the_combined_variant_trains_with_photometric_augmentation_and_copy_past
     assert train.photometric_augment and train.fit == "stretch" and row["synthetic"] == 100
     ours = {(a["key"], b["key"]) for _, a, b in generalisation.expected_pairs(1) if key in (a["key"], b["key"])}
     assert ours == {(key, "c2k-syndiff-photometric")}  # one comparison: what copy-paste adds
+
+
+def test_the_zoom_variant_trains_with_photometric_augmentation_and_the_zoom_and_is_paired_with_photometric():
+    key = "c2k-syndiff-photometric-zoom"
+    row = next(r for r in generalisation.select_rows() if r["key"] == key)
+    train = experiments.cell_profile({"profile": "cpu"}, row, generalisation.default_budget("cpu")).train
+    assert train.photometric_augment and train.zoom_augment and train.fit == "stretch" and not row.get("synthetic")
+    ours = {(a["key"], b["key"]) for _, a, b in generalisation.expected_pairs(1) if key in (a["key"], b["key"])}
+    assert ours == {(key, "c2k-syndiff-photometric")}
+    plain = next(r for r in generalisation.select_rows() if r["key"] == "c2k-syndiff-photometric")
+    assert not experiments.cell_profile({"profile": "cpu"}, plain, generalisation.default_budget("cpu")).train.zoom_augment
+
+
+def test_the_zoom_keeps_image_and_mask_aligned_and_stays_in_the_frame():
+    # The image's first channel is the mask itself (as -1 / 1): after the same zoom they must agree.
+    y = torch.zeros(8, 1, 32, 32)
+    y[:, :, 10:22, 8:20] = 1
+    x = (y * 2 - 1).repeat(1, 3, 1, 1)  # [B, 3, S, S]
+    zx, zy = augment.random_zooms(x.clone(), y.clone(), torch.Generator().manual_seed(0))
+    assert zx.shape == x.shape and zy.shape == y.shape and set(zy.unique().tolist()) <= {0.0, 1.0}
+    inside = (zx[:, :1] > 0).float()  # where the blown-up or shrunk image is "polyp"
+    assert ((inside - zy).abs().mean(dim=(1, 2, 3)) < 0.03).all()  # nearest vs bilinear: a rim of pixels at most
+    assert not torch.equal(zy, y) and zx.min() >= -1 and zx.max() <= 1
+    # Zoomed out (s < 1), the frame shrinks inside a black border and the polyp with it.
+    small = augment.random_zooms(x.clone(), y.clone(), torch.Generator().manual_seed(0), zoom=(0.5, 0.5))[1]
+    assert torch.allclose(small.mean(dim=(1, 2, 3)), y.mean(dim=(1, 2, 3)) / 4, rtol=0.2)
+    # Zoomed in (s > 1) by 2, a window of half the side: the polyp's share of the frame cannot shrink
+    # unless the window cuts it, and a window of a quarter of the frame's area at most shows it whole.
+    big = augment.random_zooms(x.clone(), y.clone(), torch.Generator().manual_seed(0), zoom=(2.0, 2.0))[1]
+    assert (big.mean(dim=(1, 2, 3)) <= 4 * y.mean(dim=(1, 2, 3)) + 1e-6).all()
+    # s = 1 leaves the pair as it is (no room to move the window).
+    same = augment.random_zooms(x.clone(), y.clone(), torch.Generator().manual_seed(0), zoom=(1.0, 1.0))
+    assert torch.allclose(same[0], x, atol=1e-5) and torch.equal(same[1], y)
+    # Off, the batches are the flips' alone: no draw is taken for it.
+    plain = augment.augment_batch(x.clone(), y.clone(), torch.Generator().manual_seed(3), flip=True, rotate=False)
+    flips = augment.random_flips(x.clone(), y.clone(), torch.Generator().manual_seed(3))
+    assert torch.equal(plain[0], flips[0]) and torch.equal(plain[1], flips[1])
 
 
 def test_names_glue_keys_and_the_committed_first_look():
