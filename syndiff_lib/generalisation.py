@@ -679,6 +679,78 @@ def read_first_look(path) -> dict:
     return record | {"scores": {(r["model"].split("/")[0], r["data"], r["fit"]): r for r in record["results"]}}
 
 
+# --- polyp size: what each data set films, and where a model taken across fails --------------------
+SIZE_EDGES = (0.05, 0.10, 0.20)  # the share of a frame its polyp covers: the edges of the size bins
+MISS = 0.1  # Dice below this: next to no overlap, the polyp missed (or something else found)
+ABSENT = "not measured here (no Kvasir-SEG beside the data)"
+
+
+def polyp_shares(root) -> dict[str, float]:
+    """{frame id: the share of its mask that is polyp}, each mask read at its own size."""
+    return {i: float(data_lib.read_mask(mask).mean()) for i, _, mask in data_lib.find_pairs(root)}
+
+
+def size_bins(edges=SIZE_EDGES) -> list[tuple[str, float, float]]:
+    """(label, low, high) of each size bin: "under 5 %", "5-10 %", ..., "20 % or more"."""
+    bounds = [0.0, *edges, 1.0 + 1e-9]
+    def pct(v):
+        return f"{100 * v:g}"
+    labels = ([f"under {pct(edges[0])} %"] + [f"{pct(a)}-{pct(b)} %" for a, b in zip(edges, edges[1:])]
+              + [f"{pct(edges[-1])} % or more"])
+    return [(name, low, high) for name, low, high in zip(labels, bounds, bounds[1:])]
+
+
+SIZE_COLUMNS = ["polyp covers", "ClinicDB frames %", "Kvasir-SEG frames %", "frames", "mean Dice %", "median Dice %",
+                f"misses (Dice < {MISS:g}) %"]
+
+
+def size_rows(shares: dict[str, dict[str, float]], dice: dict[str, float], edges=SIZE_EDGES) -> list[list]:
+    """Notebook 08's table by polyp size: per bin, the share of each data set's frames in it
+    (``shares``: {CLINICDB: {...}, KVASIR: {...}}, as polyp_shares gives), then the Kvasir-SEG
+    frames a model was scored on (``dice``: {frame id: Dice}): how many, mean and median Dice,
+    and the share of misses; a last row for all of them."""
+    def share_of(name, low, high):
+        values = np.array(list(shares[name].values()))
+        return 100 * float(np.mean((values >= low) & (values < high)))
+
+    def scores(ids):
+        d = np.array([dice[i] for i in ids])
+        return [len(d), 100 * d.mean(), 100 * float(np.median(d)), 100 * float(np.mean(d < MISS))] if len(d) else \
+            [0, "-", "-", "-"]
+
+    rows = []
+    for name, low, high in size_bins(edges):
+        ids = [i for i in dice if low <= shares[KVASIR][i] < high]
+        rows.append([name, share_of(CLINICDB, low, high), share_of(KVASIR, low, high), *scores(ids)])
+    rows.append(["all", 100.0, 100.0, *scores(list(dice))])
+    return rows
+
+
+def size_texts(shares: dict[str, dict[str, float]] | None, dice: dict[str, float] | None,
+               edges=SIZE_EDGES) -> dict[str, str]:
+    """Notebook 08's glued sentences on polyp size (ABSENT for each without Kvasir-SEG):
+
+        gen_size_share_clinicdb / _kvasir     "9.2 %"    mean share of a frame its polyp covers
+        gen_size_large_clinicdb / _kvasir     "16 %"     frames whose polyp covers the top bin or more
+        gen_size_large_dice / _rest_dice      "60.5 %"   the model's mean Dice on those frames / the rest
+        gen_size_large                        "20 %"     the top bin's edge"""
+    top = edges[-1]
+    texts = {"gen_size_large": f"{100 * top:g} %"}
+    keys = ("gen_size_share_clinicdb", "gen_size_share_kvasir", "gen_size_large_clinicdb", "gen_size_large_kvasir",
+            "gen_size_large_dice", "gen_size_rest_dice")
+    if not shares or not dice:
+        return texts | dict.fromkeys(keys, ABSENT)
+    for name, short in ((CLINICDB, "clinicdb"), (KVASIR, "kvasir")):
+        values = np.array(list(shares[name].values()))
+        texts[f"gen_size_share_{short}"] = f"{100 * values.mean():.1f} %"
+        texts[f"gen_size_large_{short}"] = f"{100 * np.mean(values >= top):.0f} %"
+    large = [dice[i] for i in dice if shares[KVASIR][i] >= top]
+    rest = [dice[i] for i in dice if shares[KVASIR][i] < top]
+    texts["gen_size_large_dice"] = f"{100 * np.mean(large):.1f} %" if large else "-"
+    texts["gen_size_rest_dice"] = f"{100 * np.mean(rest):.1f} %" if rest else "-"
+    return texts
+
+
 # --- notebook 08: scoring notebook 04's model on frames of another data set -----------------------
 def find_kvasir(data, kvasir=None) -> Path | None:
     """The Kvasir-SEG folder notebook 08 scores: ``kvasir`` if given, else kvasir-seg/ beside

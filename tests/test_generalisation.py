@@ -731,3 +731,24 @@ def test_the_simulated_shift_is_the_training_augmentation_scaled(tmp_path):
     wide = data.load_dataset(generalisation.write_shifted_toy(tmp_path / "wide", n=2, seed=1, aspect=4 / 3, size=32))
     assert wide[0].image.shape == (24, 32, 3) and wide[0].mask.shape == (24, 32)
     np.testing.assert_array_equal(wide[0].mask, toy[0].mask[4:28])  # cut about the centre
+
+
+def test_polyp_size_table_bins_shares_and_scores_by_the_kvasir_frames_share(tmp_path):
+    # Two masks of known shares, read from disk as polyp_shares reads them.
+    root = tmp_path / "set"
+    mask = write_pair(root, "a.png", "a.png", size=(10, 10))
+    assert generalisation.polyp_shares(root) == {"a": pytest.approx(float((mask > 0).mean()))}
+    shares = {generalisation.CLINICDB: {"1": 0.02, "2": 0.08, "3": 0.3, "4": 0.04},
+              generalisation.KVASIR: {"k1": 0.01, "k2": 0.25, "k3": 0.5, "k4": 0.12}}
+    dice = {"k1": 0.9, "k2": 0.05, "k3": 0.6, "k4": 0.8}
+    rows = {r[0]: r for r in generalisation.size_rows(shares, dice)}
+    assert list(rows) == ["under 5 %", "5-10 %", "10-20 %", "20 % or more", "all"]
+    assert rows["under 5 %"][1:4] == [50.0, 25.0, 1] and rows["5-10 %"][3:] == [0, "-", "-", "-"]
+    top = rows["20 % or more"]
+    assert top[1:4] == [25.0, 50.0, 2] and top[4] == pytest.approx(32.5) and top[6] == pytest.approx(50.0)
+    assert rows["all"][3] == 4 and rows["all"][6] == pytest.approx(25.0)  # one miss (Dice < 0.1) of four
+    texts = generalisation.size_texts(shares, dice)
+    assert texts["gen_size_large_kvasir"] == "50 %" and texts["gen_size_large_clinicdb"] == "25 %"
+    assert texts["gen_size_large_dice"] == "32.5 %" and texts["gen_size_rest_dice"] == "85.0 %"
+    absent = generalisation.size_texts(None, None)
+    assert set(absent) == set(texts) and absent["gen_size_large_dice"] == generalisation.ABSENT
