@@ -455,20 +455,35 @@ def report(out, keys=None, *, seeds=SEEDS, rows=None, metric: str = "dice") -> l
 
 
 def choices(members: list[dict], cells: dict, head: dict) -> list[dict]:
-    """For each model with several variants in an experiment, all scored: the variant with the
-    best mean Dice on the selection set, and its Dice on the cross-domain test frames."""
+    """For each model with several variants in an experiment, all scored: the variant the
+    selection set keeps, and its Dice on the cross-domain test sets.
+
+    A change is kept only where it helps: from the model's plain row, step to a variant that
+    builds on the current row if it is *detectably* better on the selection set (its paired
+    interval lies above 0; of several, the one with the best mean Dice), and repeat from there.
+    A tie keeps the simpler row, so a variant that wins by a fraction of a point within the
+    noise does not become the recipe."""
     lines = []
     for kind in ("syndiff", "baseline"):
         rows = [row for row in members if model_kind(row) == kind]
         if len(rows) < 2 or not rows[0].get("selection") or not all(cells[row["key"]] for row in rows):
             continue  # one variant, no selection set, or not every variant scored yet
         by = label(rows[0]["selection"])
-        score = {row["key"]: mean_dice(cells[row["key"]], by) for row in rows}
-        best = max(rows, key=lambda row: score[row["key"]])
-        line = head | {"kind": "choice", "model": kind, "by": by, "selection_dice": score, "chosen": best["key"]}
-        target = next((label(t) for t in best["tests"] if role(best, t) == "cross-domain" and t[1] == "test"), None)
+        dice = {row["key"]: per_image(cells[row["key"]], by, "dice") for row in rows}
+        score = {key: float(np.mean(list(values.values()))) for key, values in dice.items()}
+        best = max((row for row in rows if not any(builds_on(row, b) for b in rows)), key=lambda r: score[r["key"]])
+        path = [best["key"]]
+        while better := [row for row in rows if builds_on(row, best)
+                         and paired(dice[row["key"]], dice[best["key"]])["verdict"] == "better"]:
+            best = max(better, key=lambda row: score[row["key"]])
+            path.append(best["key"])
+        line = head | {"kind": "choice", "model": kind, "by": by, "selection_dice": score, "chosen": best["key"],
+                       "path": path}
+        cross = [label(t) for t in best["tests"] if role(best, t) == "cross-domain"]
+        line["cross_dice"] = {test: mean_dice(cells[best["key"]], test) for test in cross}
+        target = next((test for test in cross if test.endswith(":test")), None)
         if target:
-            line |= {"test": target, "dice": mean_dice(cells[best["key"]], target)}
+            line |= {"test": target, "dice": line["cross_dice"][target]}
         lines.append(line)
     return lines
 
@@ -484,7 +499,8 @@ DEFAULT_CROSS_FRAMES = {"tiny": 36}  # frames of the other data set notebook 08 
 PLAN_COLUMNS = ["row", "model", "variant", "trained on", "tested on", "variant chosen on"]
 SCORE_COLUMNS = ["test set", "row", "Dice %", "IoU %", "HD95 px", "NSD %", "drop (Dice points)"]
 PAIR_COLUMNS = ["test set", "comparison", "\u0394 Dice points [95 % CI]", "resampled", "verdict"]
-CHOICE_COLUMNS = ["row", "Dice % on the selection set", "choice", "its Dice % on the test set"]
+CHOICE_COLUMNS = ["row", "Dice % on the selection set", "\u0394 against the row it builds on [95 % CI]", "choice",
+                  "its Dice % on the test set"]
 PROTOCOL_COLUMNS = ["method", "inputs", "Kvasir-SEG test Dice %", "ClinicDB test Dice %", "status"]
 
 
@@ -592,18 +608,26 @@ def pair_rows(lines: list[dict], experiment: int, rows=None) -> list[list[str]]:
 
 def choice_rows(lines: list[dict], experiment: int, rows=None) -> list[list[str]]:
     """Rows (CHOICE_COLUMNS) for the rows of ``experiment`` that have a selection set: each one's
-    Dice on it, which variant it picks for each model (once every variant is scored), and the
-    chosen row's Dice on the cross-domain test set: the only test number the choice stands on."""
+    Dice on it, its paired difference there from the row it builds on (what :func:`choices`
+    steps on), which variant is kept for each model (once every variant is scored), and the
+    kept row's Dice on the cross-domain test set: the only test number the choice stands on."""
     members = [row for row in select_rows(rows=rows) if row["experiment"] == experiment and row.get("selection")]
     scores = {(ln["key"], ln["test"]): ln for ln in lines if ln["kind"] == "score" and ln["experiment"] == experiment}
+    gains = {(ln["key"], ln["against"], ln["test"]): ln for ln in lines if ln["kind"] == "pair"}
     chosen = {ln["model"]: ln for ln in lines if ln["kind"] == "choice" and ln["experiment"] == experiment}
     out = []
     for row in members:
-        line = scores.get((row["key"], label(row["selection"])), {})
+        by = label(row["selection"])
+        line = scores.get((row["key"], by), {})
+        base = next((b for b in members if builds_on(row, b)), None)
+        gain = gains.get((row["key"], base["key"], by)) if base else None
+        gain_text = ("-" if base is None else NOT_YET if gain is None else
+                     f"{100 * gain['diff']:+.1f} [{100 * gain['diff_low']:+.1f}, {100 * gain['diff_high']:+.1f}] "
+                     f"{gain['verdict']}")
         choice = chosen.get(model_kind(row))
-        verdict = ("chosen" if choice["chosen"] == row["key"] else "-") if choice else "needs every variant"
+        verdict = ("kept" if choice["chosen"] == row["key"] else "-") if choice else "needs every variant"
         test = f"{100 * choice['dice']:.1f}" if choice and choice["chosen"] == row["key"] and "dice" in choice else "-"
-        out.append([row["row"], mean_std(line, "dice"), verdict, test])
+        out.append([row["row"], mean_std(line, "dice"), gain_text, verdict, test])
     return out
 
 
@@ -636,7 +660,9 @@ def glue_texts(lines: list[dict], rows=None) -> dict[str, str]:
         gen_<row>_<set>_drop    "+4.1 Dice points"               cross-domain sets: in-domain minus this
         gen_<a>_vs_<b>_<set>    "+3.0 [-1.2, +7.1] Dice points"   every expected comparison
         gen_<a>_vs_<b>_<set>_verdict                            "better", "worse", "no detectable difference"
-        gen_exp<e>_<model>_choice "c2k-syndiff-photometric"     the variant a selection set chose
+                                 (and the same for the pairs done on a selection set)
+        gen_exp<e>_<model>_choice "c2k-syndiff-photometric"     the variant a selection set kept
+        gen_exp<e>_<model>_choice_<set> "69.1 % Dice"             its mean Dice on each cross-domain set
 
     <row> and <set> as :func:`short_key` writes them (c2k_syndiff, kvasir_test)."""
     texts = {}
@@ -654,12 +680,23 @@ def glue_texts(lines: list[dict], rows=None) -> dict[str, str]:
             texts[key] = (f"{100 * ln['diff']:+.1f} [{100 * ln['diff_low']:+.1f}, {100 * ln['diff_high']:+.1f}] "
                           "Dice points" if ln else NOT_YET)
             texts[f"{key}_verdict"] = ln["verdict"] if ln else NOT_YET
+        for (test, a, b), ln in done.items():  # the selection set's pairs, what the choice steps on
+            key = f"gen_{short_key(a)}_vs_{short_key(b)}_{short_key(test)}"
+            if ln["experiment"] == experiment and key not in texts:
+                texts[key] = (f"{100 * ln['diff']:+.1f} [{100 * ln['diff_low']:+.1f}, {100 * ln['diff_high']:+.1f}] "
+                              "Dice points")
+                texts[f"{key}_verdict"] = ln["verdict"]
         members = [r for r in select_rows(rows=rows) if r["experiment"] == experiment and r.get("selection")]
         for kind in dict.fromkeys(model_kind(r) for r in members):
             if sum(model_kind(r) == kind for r in members) > 1:
                 choice = next((ln for ln in lines if ln["kind"] == "choice" and ln["experiment"] == experiment
                                and ln["model"] == kind), None)
                 texts[f"gen_exp{experiment}_{kind}_choice"] = choice["chosen"] if choice else NOT_YET
+                first = next(r for r in members if model_kind(r) == kind)
+                for test in (label(t) for t in first["tests"] if role(first, t) == "cross-domain"):
+                    dice = choice["cross_dice"].get(test) if choice else None
+                    texts[f"gen_exp{experiment}_{kind}_choice_{short_key(test)}"] = (
+                        f"{100 * dice:.1f} % Dice" if dice is not None else NOT_YET)
     return texts
 
 
@@ -704,24 +741,24 @@ SIZE_COLUMNS = ["polyp covers", "ClinicDB frames %", "Kvasir-SEG frames %", "fra
                 f"misses (Dice < {MISS:g}) %"]
 
 
+def in_bin(shares: dict[str, float], low: float, high: float) -> list[str]:
+    """The frames of ``shares`` ({frame id: polyp share}) whose polyp covers [low, high) of the frame."""
+    return [i for i, share in shares.items() if low <= share < high]
+
+
 def size_rows(shares: dict[str, dict[str, float]], dice: dict[str, float], edges=SIZE_EDGES) -> list[list]:
     """Notebook 08's table by polyp size: per bin, the share of each data set's frames in it
     (``shares``: {CLINICDB: {...}, KVASIR: {...}}, as polyp_shares gives), then the Kvasir-SEG
     frames a model was scored on (``dice``: {frame id: Dice}): how many, mean and median Dice,
     and the share of misses; a last row for all of them."""
-    def share_of(name, low, high):
-        values = np.array(list(shares[name].values()))
-        return 100 * float(np.mean((values >= low) & (values < high)))
-
     def scores(ids):
         d = np.array([dice[i] for i in ids])
         return [len(d), 100 * d.mean(), 100 * float(np.median(d)), 100 * float(np.mean(d < MISS))] if len(d) else \
             [0, "-", "-", "-"]
 
-    rows = []
-    for name, low, high in size_bins(edges):
-        ids = [i for i in dice if low <= shares[KVASIR][i] < high]
-        rows.append([name, share_of(CLINICDB, low, high), share_of(KVASIR, low, high), *scores(ids)])
+    scored = {i: shares[KVASIR][i] for i in dice}
+    rows = [[name, *(100 * len(in_bin(shares[d], low, high)) / len(shares[d]) for d in (CLINICDB, KVASIR)),
+             *scores(in_bin(scored, low, high))] for name, low, high in size_bins(edges)]
     rows.append(["all", 100.0, 100.0, *scores(list(dice))])
     return rows
 
@@ -730,10 +767,10 @@ def size_texts(shares: dict[str, dict[str, float]] | None, dice: dict[str, float
                edges=SIZE_EDGES) -> dict[str, str]:
     """Notebook 08's glued sentences on polyp size (ABSENT for each without Kvasir-SEG):
 
-        gen_size_share_clinicdb / _kvasir     "9.2 %"    mean share of a frame its polyp covers
-        gen_size_large_clinicdb / _kvasir     "16 %"     frames whose polyp covers the top bin or more
-        gen_size_large_dice / _rest_dice      "60.5 %"   the model's mean Dice on those frames / the rest
-        gen_size_large                        "20 %"     the top bin's edge"""
+        gen_size_share_clinicdb / _kvasir     "S %"   mean share of a frame its polyp covers
+        gen_size_large_clinicdb / _kvasir     "F %"   frames whose polyp covers the top bin's edge or more
+        gen_size_large_dice / _rest_dice      "D %"   the model's mean Dice on those frames / on the rest
+        gen_size_large                        "E %"   the top bin's edge (SIZE_EDGES[-1])"""
     top = edges[-1]
     texts = {"gen_size_large": f"{100 * top:g} %"}
     keys = ("gen_size_share_clinicdb", "gen_size_share_kvasir", "gen_size_large_clinicdb", "gen_size_large_kvasir",
@@ -741,13 +778,11 @@ def size_texts(shares: dict[str, dict[str, float]] | None, dice: dict[str, float
     if not shares or not dice:
         return texts | dict.fromkeys(keys, ABSENT)
     for name, short in ((CLINICDB, "clinicdb"), (KVASIR, "kvasir")):
-        values = np.array(list(shares[name].values()))
-        texts[f"gen_size_share_{short}"] = f"{100 * values.mean():.1f} %"
-        texts[f"gen_size_large_{short}"] = f"{100 * np.mean(values >= top):.0f} %"
-    large = [dice[i] for i in dice if shares[KVASIR][i] >= top]
-    rest = [dice[i] for i in dice if shares[KVASIR][i] < top]
-    texts["gen_size_large_dice"] = f"{100 * np.mean(large):.1f} %" if large else "-"
-    texts["gen_size_rest_dice"] = f"{100 * np.mean(rest):.1f} %" if rest else "-"
+        texts[f"gen_size_share_{short}"] = f"{100 * np.mean(list(shares[name].values())):.1f} %"
+        texts[f"gen_size_large_{short}"] = f"{100 * len(in_bin(shares[name], top, np.inf)) / len(shares[name]):.0f} %"
+    scored = {i: shares[KVASIR][i] for i in dice}
+    for key, ids in (("gen_size_large_dice", in_bin(scored, top, np.inf)), ("gen_size_rest_dice", in_bin(scored, 0, top))):
+        texts[key] = f"{100 * np.mean([dice[i] for i in ids]):.1f} %" if ids else "-"
     return texts
 
 
