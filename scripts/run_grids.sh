@@ -6,8 +6,9 @@
 # A killed run resumes where it stopped (done cells are skipped, an interrupted cell resumes
 # from its checkpoint), so start it again in every session; commit results/cpu-clinicdb/cells/
 # as cells land. DATA, FOLDS and GRIDS may be set: DATA=/path/to/cvc-clinicdb FOLDS="0" GRIDS="table2".
-# Two lanes may run at once (a lock per cell keeps them apart); on different folds they never
-# wait for each other's autoencoder: FOLDS="1" nohup scripts/run_grids.sh > grid1.log 2>&1 &
+# Two lanes may run at once (a lock per cell keeps them apart); on one fold the second waits
+# while the first trains the fold's autoencoder, so give them different folds where there are
+# any left: FOLDS="1" nohup scripts/run_grids.sh > grid1.log 2>&1 &
 # scripts/run_generalisation.sh runs the cross-dataset experiments beside it.
 # Side by side, give each one thread (OMP_NUM_THREADS=1): two one-thread trainings on two
 # cores do more steps in total than one with both threads (results/speed/two-lanes.json).

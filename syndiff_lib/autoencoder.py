@@ -35,6 +35,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import Encoder
 from diffusers.models.modeling_utils import ModelMixin
 
+from .checkpoint import made_once
 from .config import AutoencoderConfig, Profile
 
 
@@ -345,34 +346,38 @@ def get_autoencoder(profile: Profile, images, masks, train_ids, data, run_dir: P
         cache = Path(os.environ.get("SYNDIFF_CACHE", Path.home() / ".cache" / "syndiff")) / "autoencoders"
         first = cache / autoencoder_cache_key(profile, train_ids, data, seed)
         second = cache / autoencoder_cache_key(profile, train_ids, data, seed, stage="mask_decoder")
-        if cfg.mask_decoder_steps > 0 and (second / "config.json").exists():
-            log(f"autoencoder: using the cached one (with its fine-tuned mask decoder) in {second}")
-            vae = AutoencoderKL.from_pretrained(second)
-        else:
-            if (first / "config.json").exists():
-                log(f"autoencoder: using the cached one in {first}")
-                vae = AutoencoderKL.from_pretrained(first)
+        # Two runs on the same training frames (two grid lanes on one fold) train it once.
+        with made_once(second if cfg.mask_decoder_steps > 0 else first, log):
+            if cfg.mask_decoder_steps > 0 and (second / "config.json").exists():
+                log(f"autoencoder: using the cached one (with its fine-tuned mask decoder) in {second}")
+                vae = AutoencoderKL.from_pretrained(second)
             else:
-                log(f"autoencoder: training it on {len(images)} training images and masks (no pretrained weights offline)")
-                torch.manual_seed(seed)  # the initial weights
-                vae = build_autoencoder(cfg)
-                summary = train_autoencoder(vae, images, masks, cfg, torch.Generator().manual_seed(seed), log)
-                log(f"autoencoder: {summary['steps']} steps in {summary['seconds']} s")
-                if cfg.unit_std_latents:
-                    set_unit_std_scaling(vae, masks, log)
-                complete = summary["steps"] == cfg.train_steps
-                if complete:  # only a complete training is shared with later runs
-                    vae.save_pretrained(first)
+                if (first / "config.json").exists():
+                    log(f"autoencoder: using the cached one in {first}")
+                    vae = AutoencoderKL.from_pretrained(first)
                 else:
-                    log(f"WARNING: the autoencoder's {cfg.train_minutes:g}-minute safety cap stopped it after "
-                        f"{summary['steps']} of {cfg.train_steps} steps: not the profile's autoencoder, so not cached "
-                        "(results.json: \"autoencoder_complete\": false)")
-            if cfg.mask_decoder_steps > 0:
-                log(f"autoencoder: fine-tuning D on whole training masks for {cfg.mask_decoder_steps} steps (L1 + soft Dice)")
-                summary = finetune_mask_decoder(vae, masks, cfg, torch.Generator().manual_seed(seed), log)
-                log(f"autoencoder: mask decoder {summary['steps']} steps in {summary['seconds']} s")
-                if complete:
-                    vae.save_pretrained(second)
+                    log(f"autoencoder: training it on {len(images)} training images and masks "
+                        "(no pretrained weights offline)")
+                    torch.manual_seed(seed)  # the initial weights
+                    vae = build_autoencoder(cfg)
+                    summary = train_autoencoder(vae, images, masks, cfg, torch.Generator().manual_seed(seed), log)
+                    log(f"autoencoder: {summary['steps']} steps in {summary['seconds']} s")
+                    if cfg.unit_std_latents:
+                        set_unit_std_scaling(vae, masks, log)
+                    complete = summary["steps"] == cfg.train_steps
+                    if complete:  # only a complete training is shared with later runs
+                        vae.save_pretrained(first)
+                    else:
+                        log(f"WARNING: the autoencoder's {cfg.train_minutes:g}-minute safety cap stopped it "
+                            f"after {summary['steps']} of {cfg.train_steps} steps: not the profile's autoencoder, "
+                            "so not cached (results.json: \"autoencoder_complete\": false)")
+                if cfg.mask_decoder_steps > 0:
+                    log(f"autoencoder: fine-tuning D on whole training masks for {cfg.mask_decoder_steps} steps "
+                        "(L1 + soft Dice)")
+                    summary = finetune_mask_decoder(vae, masks, cfg, torch.Generator().manual_seed(seed), log)
+                    log(f"autoencoder: mask decoder {summary['steps']} steps in {summary['seconds']} s")
+                    if complete:
+                        vae.save_pretrained(second)
         vae.save_pretrained(run_dir / "vae")
     vae.eval().requires_grad_(False)
     if record is not None:

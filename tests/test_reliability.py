@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from PIL import Image
 
 from syndiff_lib import cli, data, notebook, train as train_module
 from syndiff_lib.autoencoder import autoencoder_cache_key
+from syndiff_lib.checkpoint import made_once
 from syndiff_lib.config import CPU, TINY, get_profile
 from syndiff_lib.data import DataError, make_toy_dataset, write_toy_dataset
 from syndiff_lib.pipeline import SynDiffOutput, SynDiffPipeline, images_to_tensor, segment_files
@@ -421,3 +423,36 @@ def test_a_damaged_checkpoint_is_one_error_naming_its_folder(tmp_path):
     weights.write_bytes(weights.read_bytes()[:20])
     with pytest.raises(CheckpointError, match=r"checkpoint: the checkpoint cannot be loaded.*--overwrite"):
         load_checkpoint(tmp_path / "checkpoint", models, optimizer, schedule, torch.Generator())
+
+
+def test_a_cache_entry_another_process_is_making_is_waited_for_not_made_twice(tmp_path):
+    """Two grid lanes on one fold need one autoencoder: the second waits for the first's."""
+    entry = tmp_path / "autoencoders" / "key"
+    with made_once(entry, log=lambda *_: None):  # nobody else: this process makes it, holding the lock
+        assert json.loads(entry.with_name("key.lock").read_text())["pid"] == os.getpid()
+    assert not entry.with_name("key.lock").exists()
+
+    lock = entry.with_name("key.lock")
+    maker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live maker
+    try:
+        lock.write_text(json.dumps({"pid": maker.pid, "host": socket.gethostname()}))
+        said, done = [], threading.Event()
+
+        def second_lane():
+            with made_once(entry, log=said.append, poll=0.05):
+                done.set()
+
+        lane = threading.Thread(target=second_lane)
+        lane.start()
+        assert not done.wait(0.5) and said  # waiting, and saying so once
+        entry.mkdir()
+        (entry / "config.json").write_text("{}")  # the maker has saved it
+        assert done.wait(5)
+        lane.join()
+        assert len(said) == 1 and json.loads(lock.read_text())["pid"] == maker.pid  # its lock untouched
+    finally:
+        maker.kill()
+        maker.wait()
+    (entry / "config.json").unlink()
+    with made_once(entry, log=lambda *_: None):  # the maker died before saving: taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
