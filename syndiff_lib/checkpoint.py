@@ -174,15 +174,15 @@ def take_lock(lock: Path) -> bool:
 
 @contextmanager
 def made_once(folder: Path, log=print, poll: float = 30.0):
-    """Make ``folder`` (a cache entry, done once ``folder/config.json`` exists) in one process
+    """Make ``folder`` (a cache entry, there once ``folder/config.json`` exists) in one process
     at a time: while another live process holds ``<folder>.lock``, wait for it, so two runs
-    that need the same entry (two grid lanes on one fold) make it once. Inside, the entry
-    either exists or this process holds the lock and makes it; a killed maker's lock is taken
-    over (take_lock)."""
+    that need the same entry (two grid lanes on one fold) make it once, and none reads an
+    entry still being written. Inside, the entry is whole, or this process holds the lock
+    and makes it; a killed maker's lock is taken over (take_lock)."""
     lock = folder.with_name(folder.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     held = said = False
-    while not (folder / "config.json").exists() and not (held := take_lock(lock)):
+    while not ((folder / "config.json").exists() and not lock_is_held(lock)) and not (held := take_lock(lock)):
         if not said:
             log(f"{folder.name}: another process is making it; waiting for it")
             said = True
