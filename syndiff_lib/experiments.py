@@ -368,6 +368,18 @@ def status(name: str, out) -> dict:
             "hours_left_estimate": None if per_cell is None else round(per_cell * (len(left) + len(running)) / 3600, 1)}
 
 
+def grid_cost(out) -> dict:
+    """What the finished cells in ``out`` cost, every grid together (grids share cells, so each
+    cell counts once): core-hours (each cell's recorded wall time, training and scoring, times
+    the threads it had; time lost to a killed run is not recorded) and the range of its seconds
+    per step (the two models' steps differ, and cells ran with one thread or two)."""
+    records = [json.loads(path.read_text()) for path in sorted(Path(out).glob("cells/*/*/cell.json"))]
+    per_step = [r["seconds_per_step"] for r in records if r.get("seconds_per_step")]
+    return {"cells": len(records),
+            "core_hours": sum(r["cell_wall_seconds"] * r["hardware"]["cpu_threads"] for r in records) / 3600,
+            "seconds_per_step": (min(per_step), max(per_step)) if per_step else None}
+
+
 def load_cells(name: str, out) -> list[dict]:
     """The cell.json records of a grid's finished cells, each with its per-image metrics."""
     spec, out, records = grid_spec(name), Path(out), []

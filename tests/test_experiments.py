@@ -174,6 +174,19 @@ def test_status_counts_a_killed_cells_lock_as_left_not_running(tmp_path):
     assert state["running"] == [cells[0].name] and state["left"] == len(cells) - 1
 
 
+def test_grid_cost_counts_each_finished_cell_once_at_its_threads(tmp_path):
+    assert experiments.grid_cost(tmp_path) == {"cells": 0, "core_hours": 0, "seconds_per_step": None}
+    for name, wall, threads, per_step in (("real/fold0-seed0", 3600, 2, 0.7), ("gan/fold1-seed0", 1800, 1, 2.4)):
+        folder = tmp_path / "cells" / name
+        folder.mkdir(parents=True)
+        (folder / "cell.json").write_text(json.dumps({"cell_wall_seconds": wall, "seconds_per_step": per_step,
+                                                     "hardware": {"cpu_threads": threads}}))
+    (tmp_path / "cells" / "gan" / "fold2-seed0").mkdir()  # started, not finished: no cell.json, no cost
+    cost = experiments.grid_cost(tmp_path)
+    assert cost["cells"] == 2 and cost["core_hours"] == pytest.approx(2.5)
+    assert cost["seconds_per_step"] == (0.7, 2.4)
+
+
 def test_report_and_status_name_a_grid_that_does_not_exist():
     with pytest.raises(ValueError, match="unknown grid"):
         experiments.grid_spec("table9")
