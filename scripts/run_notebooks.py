@@ -7,7 +7,7 @@
     python scripts/run_notebooks.py --profile cpu --in-place       # rewrite notebooks/ (make publish)
 
 By default nothing tracked is written: the book's sources (_config.yml, _toc.yml,
-references.bib, book/ with its drawn figures in book/figures/) are copied into the output
+references.bib, book/ with its drawn figures in book/figures/, _static/) are copied into the output
 folder (_build/book/ unless ``--out`` says otherwise) and the executed notebooks are written to
 OUT/notebooks/, so ``jupyter-book build OUT -W`` works on the copy. Only ``--in-place`` rewrites the committed
 notebooks, which carry the published run. Results pass from one notebook to the next only
@@ -40,8 +40,9 @@ from syndiff_lib.notebook import BATCH_ENV
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "_build" / "book"  # git-ignored: `make book` writes here, never to tracked files
 # Copied next to the executed notebooks; "book" whole, with book/figures/ (scripts/draw_figures.py
-# draws them, the pages show them), so that a build folder holds every file a page references.
-BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
+# draws them, the pages show them), and _static/ (the book's CSS), so that a build folder holds
+# every file a page references.
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book", "_static")
 RUN_INFO_TAG = "run-info"  # the note this script writes; replaced on every run
 
 
@@ -79,12 +80,15 @@ def run_info_cell(nb, params: dict, machine: str) -> nbformat.NotebookNode:
     meta = nb.metadata.get("papermill", {})
     started = (meta.get("start_time") or "")[:16].replace("T", " ")
     seconds = meta.get("duration") or 0.0
+    chosen = params.get("set", {})  # parameters given with -p that this notebook declares
     text = (
         "```{note}\n"
         f"**How this page was made.** Executed with papermill on {started} UTC in {seconds:.0f} s: "
         f"profile **{params['profile']}**, data {describe_data(params['data'])}, seed {params['seed']}, "
         f"device {params['device']}, on {machine}, at commit `{params['commit']}`. "
-        f"Every number and figure below comes from that run; `make book PROFILE=... SYNDIFF_DATA=...` "
+        + ("Set for this run: " + ", ".join(f"`{name}={json.dumps(value)}`" for name, value in chosen.items()) + ". "
+           if chosen else "")
+        + f"Every number and figure below comes from that run; `make book PROFILE=... SYNDIFF_DATA=...` "
         "reruns it (see the introduction).\n"
         "```"
     )
@@ -256,7 +260,8 @@ def main(argv=None) -> int:
             print(f"FAILED after {time.time() - t0:.0f} s\n{error}", file=sys.stderr)
             print(f"the failing notebook, with its error, is {target}", file=sys.stderr)
             return 1
-        times[source.name] = round(stamp(target, info, machine), 1)
+        chosen = {name: value for name, value in extra.items() if name in declared}
+        times[source.name] = round(stamp(target, info | {"set": chosen}, machine), 1)
         print(f"{times[source.name]:.0f} s", flush=True)
 
     total = time.time() - start

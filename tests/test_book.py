@@ -163,7 +163,7 @@ def test_book_figures_exist():
 
 
 # ---- code fits the book's column -------------------------------------------------------------
-CODE_WIDTH = 80  # characters a code block of the rendered book shows before it scrolls sideways
+CODE_WIDTH = 80  # characters a code block of the rendered book shows before it scrolls sideways (_static/book.css)
 MAGIC = re.compile(r"^(\s*)[%!].*$", re.M)  # an IPython magic or shell line: not Python
 
 
@@ -425,6 +425,16 @@ def test_runner_writes_a_build_folder_by_default_and_the_notebooks_only_in_place
         run.parse_args(["--in-place", "--out", str(tmp_path)])
 
 
+def test_the_run_info_note_names_the_parameters_set_for_the_run():
+    """A page made with, say, reuse_run=true says so in its note: a reader must know that its
+    models were not trained by the run the note describes."""
+    run, nb = runner(), nbformat.v4.new_notebook()
+    params = {"profile": "cpu", "data": "data", "seed": 0, "device": "cpu", "commit": "abc1234"}
+    plain = run.run_info_cell(nb, params, "a CPU").source
+    assert "at commit `abc1234`" in plain and "Set for this run" not in plain
+    assert "Set for this run: `reuse_run=true`." in run.run_info_cell(nb, params | {"set": {"reuse_run": True}}, "a CPU").source
+
+
 def test_runner_copies_the_book_sources_with_their_figures(tmp_path):
     """A build folder gets every file of book/ (the pages and book/figures/), _config.yml,
     _toc.yml and references.bib, so `jupyter-book build OUT` finds what the pages reference."""
@@ -432,7 +442,7 @@ def test_runner_copies_the_book_sources_with_their_figures(tmp_path):
     expected = [p.relative_to(REPO) for p in (REPO / "book").rglob("*") if p.is_file()]
     assert [p for p in expected if not (tmp_path / p).is_file()] == []
     assert any(p.parts[:2] == ("book", "figures") for p in expected), "book/figures/ holds the drawn figures"
-    for name in ("_config.yml", "_toc.yml", "references.bib"):
+    for name in ("_config.yml", "_toc.yml", "references.bib", "_static/book.css"):
         assert (tmp_path / name).read_bytes() == (REPO / name).read_bytes()
 
 
