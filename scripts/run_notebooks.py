@@ -250,7 +250,8 @@ def main(argv=None) -> int:
         print(f"{source.name} ...", end=" ", flush=True)
         t0 = time.time()
         declared = papermill.inspect_notebook(source)
-        mine = parameters | {k: v for k, v in extra.items() if k in declared}
+        chosen = {name: value for name, value in extra.items() if name in declared}  # -p that it takes
+        mine = parameters | chosen
         try:
             papermill.execute_notebook(
                 source, target, parameters=mine, kernel_name=args.kernel, cwd=target.parent,
@@ -260,7 +261,6 @@ def main(argv=None) -> int:
             print(f"FAILED after {time.time() - t0:.0f} s\n{error}", file=sys.stderr)
             print(f"the failing notebook, with its error, is {target}", file=sys.stderr)
             return 1
-        chosen = {name: value for name, value in extra.items() if name in declared}
         times[source.name] = round(stamp(target, info | {"set": chosen}, machine), 1)
         print(f"{times[source.name]:.0f} s", flush=True)
 

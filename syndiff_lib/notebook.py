@@ -161,7 +161,7 @@ def train_or_reuse(cfg: Profile, data, run_dir, split: dict, *, model: str = "sy
     reused = results is not None
     if reused:
         log(f"reusing the finished {model} run in {run_dir} ({results['steps']} steps, "
-            f"{results['train_seconds'] / 60:.1f} min of training)")
+            f"{results['train_seconds'] / 60:.1f} min of training, at commit {results.get('code', 'unknown')[:7]})")
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time the notebook runs
         if vae_dir is not None and Path(vae_dir).exists():
